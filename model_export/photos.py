@@ -1,0 +1,121 @@
+"""Real photos for verification and INT8 calibration.
+
+Verification uses the photos scikit-image ships, preprocessed exactly as the service will
+preprocess a client's upload (`service.preprocess`), so parity is checked on the pixels the
+graph will really see. Calibration adds random crops and flips of its photos, so the
+activation ranges cover more than the centre crops that verification then measures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model_export.errors import ExportError
+from service.errors import ImageTooLarge, InvalidImage
+from service.model_package import PreprocessSpec
+from service.preprocess import ImagePreprocessor
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Real photographs among scikit-image's bundled data (drawings, charts and text left out).
+SAMPLE_PHOTO_NAMES = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "retina.jpg",
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "cell.png",
+)
+_MAX_PIXELS = 200_000_000
+
+
+def sample_photo_dir() -> Path:
+    try:
+        import skimage
+    except ImportError as exc:  # pragma: no cover - scikit-image is in the export extra
+        raise ExportError(
+            "scikit-image is not installed; it provides the sample photos "
+            "(pip install 'resnet-serve[export]') or pass --calibration-dir"
+        ) from exc
+    return Path(skimage.__file__).parent / "data"
+
+
+def sample_photos() -> list[Path]:
+    directory = sample_photo_dir()
+    photos = [directory / name for name in SAMPLE_PHOTO_NAMES if (directory / name).is_file()]
+    if not photos:
+        raise ExportError(f"no sample photos found in {directory}")
+    return photos
+
+
+def image_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise ExportError(f"calibration directory {directory} does not exist")
+    files = sorted(
+        path
+        for path in directory.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    )
+    if not files:
+        raise ExportError(
+            f"calibration directory {directory} holds no images "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return files
+
+
+def preprocess_files(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
+    """Centre crops, exactly as the service makes them: [N, crop, crop, 3] uint8."""
+    preprocess = ImagePreprocessor(spec, max_pixels=_MAX_PIXELS)
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(preprocess(path.read_bytes()))
+        except (InvalidImage, ImageTooLarge) as exc:
+            raise ExportError(f"cannot use image {path}: {exc.message}") from exc
+    return np.stack(arrays)
+
+
+def augmented_crops(
+    paths: list[Path], spec: PreprocessSpec, per_image: int, seed: int
+) -> np.ndarray:
+    """The centre crop of each photo plus `per_image - 1` random resized crops and flips."""
+    rng = np.random.default_rng(seed)
+    centre = preprocess_files(paths, spec)
+    samples = list(centre)
+    for path in paths:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+        width, height = image.size
+        for _ in range(per_image - 1):
+            area = width * height * rng.uniform(0.3, 1.0)
+            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            crop_w = int(min(width, round(np.sqrt(area * aspect))))
+            crop_h = int(min(height, round(np.sqrt(area / aspect))))
+            left = int(rng.integers(0, width - crop_w + 1))
+            top = int(rng.integers(0, height - crop_h + 1))
+            crop = image.resize(
+                (spec.crop, spec.crop),
+                Image.Resampling.BILINEAR,
+                box=(left, top, left + crop_w, top + crop_h),
+            )
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            samples.append(np.asarray(crop, dtype=np.uint8))
+    return np.stack(samples)
+
+
+def random_pixels(count: int, crop: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, crop, crop, 3), dtype=np.uint8)

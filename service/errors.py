@@ -1,0 +1,101 @@
+"""Every failure a client can see, each with its HTTP status and a stable machine-readable code.
+
+Nothing here knows about FastAPI: the app turns a `ServiceError` into
+`{"error": {"code": ..., "message": ...}}` with `status` as the HTTP status.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    message: str = "internal error"
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidImage(ServiceError):
+    status = 400
+    code = "invalid_image"
+    message = "the image could not be decoded"
+
+
+class BadRequest(ServiceError):
+    status = 400
+    code = "bad_request"
+    message = "the request body could not be read"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+    message = "the request body is too large"
+
+
+class TooManyImages(ServiceError):
+    status = 413
+    code = "too_many_images"
+    message = "the request carries too many images"
+
+
+class ImageTooLarge(ServiceError):
+    status = 413
+    code = "image_too_large"
+    message = "the image has too many pixels"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+    message = "unsupported media type"
+
+
+class InvalidParameter(ServiceError):
+    status = 422
+    code = "invalid_parameter"
+    message = "invalid parameter"
+
+
+class QueueFull(ServiceError):
+    status = 429
+    code = "queue_full"
+    message = "the server is at capacity; retry later"
+
+
+class ClientClosedRequest(ServiceError):
+    """The client went away; nobody reads this response (nginx calls it 499)."""
+
+    status = 499
+    code = "client_closed_request"
+    message = "the client closed the connection"
+
+
+class InferenceFailed(ServiceError):
+    status = 500
+    code = "inference_failed"
+    message = "inference failed for this batch"
+
+
+class NotReady(ServiceError):
+    status = 503
+    code = "not_ready"
+    message = "the model is still loading"
+
+
+class Draining(ServiceError):
+    status = 503
+    code = "draining"
+    message = "the server is shutting down"
+
+
+class DeadlineExceeded(ServiceError):
+    status = 504
+    code = "deadline_exceeded"
+    message = "the request did not complete within its deadline"
