@@ -1,0 +1,309 @@
+"""A dynamic batcher: many concurrent callers, one engine that prefers batches.
+
+One task owns the queue. Callers reserve capacity (`reserve`, which fails fast with
+`QueueFull` when the queue is at `max_queue_size`), then `submit` items and await their
+futures. The owner forms a batch when an engine slot is free and one of these holds:
+
+- the queue holds `max_batch_size` items;
+- the engine is idle (nothing in flight), so a lone request never waits for company;
+- the oldest waiting item has waited `max_queue_delay` (it counts from the oldest item).
+
+Items whose future is already done (the caller gave up: deadline, disconnect) are
+skipped before they reach the engine and counted. Each batch runs on an executor, off
+the event loop, inside an exception boundary: a failing batch fails only its own items
+and the loop lives on. The batcher knows nothing of images or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Generic, Protocol, TypeVar
+
+from service.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger("resnet_serve.batching")
+
+
+class BatchObserver(Protocol):
+    """Where the batcher reports what it does (Prometheus in production, lists in tests)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None: ...
+    def batch_finished(self, size: int, run_s: float, failed: bool) -> None: ...
+    def skipped(self, reason: str) -> None: ...
+
+
+class NullObserver:
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        pass
+
+    def batch_finished(self, size: int, run_s: float, failed: bool) -> None:
+        pass
+
+    def skipped(self, reason: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Completed(Generic[R]):
+    """An item's result with where its time went, for metrics and timing headers."""
+
+    value: R
+    queued_s: float
+    run_s: float
+    batch_size: int
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[Completed[R]]
+    enqueued_at: float
+    deadline: float | None
+
+
+@dataclass
+class _State:
+    reserved: int = 0
+    in_flight: int = 0
+    closing: bool = False
+    running_batches: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class Reservation(Generic[T, R]):
+    """Queue slots held for one request's items while they are being prepared."""
+
+    def __init__(self, batcher: DynamicBatcher[T, R], count: int) -> None:
+        self._batcher = batcher
+        self._remaining = count
+
+    def submit(self, item: T, deadline: float | None = None) -> asyncio.Future[Completed[R]]:
+        if self._remaining <= 0:
+            raise RuntimeError("more items submitted than reserved")
+        self._remaining -= 1
+        return self._batcher._enqueue(item, deadline)
+
+    def release(self) -> None:
+        """Give back the slots not used (the request failed before submitting them)."""
+        if self._remaining:
+            self._batcher._unreserve(self._remaining)
+            self._remaining = 0
+
+    def __enter__(self) -> Reservation[T, R]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        max_concurrent_batches: int = 1,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_concurrent_batches < 1:
+            raise ValueError("batch size, queue size and concurrency must be positive")
+        self._run_batch = run_batch
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.max_concurrent_batches = max_concurrent_batches
+        self._observer: BatchObserver = observer or NullObserver()
+        self._clock = clock
+        self._queue: collections.deque[_Pending[T, R]] = collections.deque()
+        self._state = _State()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ callers
+
+    @property
+    def depth(self) -> int:
+        """Images admitted and not yet on the engine (being prepared, or queued)."""
+        return self._state.reserved + len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return self._state.in_flight
+
+    def reserve(self, count: int) -> Reservation[T, R]:
+        """Hold `count` queue slots, or raise at once: `QueueFull` (429) or `Draining` (503)."""
+        if self._state.closing:
+            raise Draining()
+        if self.depth + count > self.max_queue_size:
+            raise QueueFull(
+                f"the queue holds {self.depth} of {self.max_queue_size} images; retry later",
+                headers={"Retry-After": "1"},
+            )
+        self._state.reserved += count
+        self._observer.queue_depth(self.depth)
+        return Reservation(self, count)
+
+    def _unreserve(self, count: int) -> None:
+        self._state.reserved -= count
+        self._observer.queue_depth(self.depth)
+
+    def _enqueue(self, item: T, deadline: float | None) -> asyncio.Future[Completed[R]]:
+        future: asyncio.Future[Completed[R]] = asyncio.get_running_loop().create_future()
+        self._state.reserved -= 1
+        self._queue.append(_Pending(item, future, self._clock(), deadline))
+        self._wakeup.set()
+        return future
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._dispatch_loop(), name="batcher")
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop admitting work, run everything already queued, wait for running batches.
+
+        Items still queued or running after `timeout_s` fail with `Draining`.
+        """
+        self._state.closing = True
+        self._wakeup.set()
+        if self._loop_task is None:
+            self._fail_queued(Draining())
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._loop_task), timeout_s)
+            running = set(self._state.running_batches)
+            if running:
+                await asyncio.wait_for(asyncio.gather(*running), timeout_s)
+        except TimeoutError:
+            log.error("batcher: drain timed out after %.1f s; failing what is left", timeout_s)
+            self._loop_task.cancel()
+            for task in self._state.running_batches:
+                task.cancel()
+            self._fail_queued(Draining())
+
+    def _fail_queued(self, error: Exception) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._observer.queue_depth(self.depth)
+
+    # ------------------------------------------------------------ the owner
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            batch = await self._next_batch()
+            if batch is None:
+                self._slots.release()
+                return
+            task = asyncio.create_task(self._run(batch))
+            self._state.running_batches.add(task)
+            task.add_done_callback(self._state.running_batches.discard)
+
+    async def _next_batch(self) -> list[_Pending[T, R]] | None:
+        """Wait until a batch is due, then take it; None once closing with nothing left."""
+        while True:
+            self._drop_abandoned()
+            timeout: float | None = None
+            if self._queue:
+                waited = self._clock() - self._queue[0].enqueued_at
+                if (
+                    len(self._queue) >= self.max_batch_size
+                    or self._state.in_flight == 0
+                    or self._state.closing
+                    or waited >= self.max_queue_delay_s
+                ):
+                    return self._take()
+                timeout = self.max_queue_delay_s - waited
+            elif self._state.closing and self._state.reserved == 0:
+                return None
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _drop_abandoned(self) -> None:
+        """Skip items nobody waits for any more, and fail those past their deadline."""
+        if not self._queue:
+            return
+        now = self._clock()
+        kept: collections.deque[_Pending[T, R]] = collections.deque()
+        for pending in self._queue:
+            if pending.future.done():
+                self._observer.skipped("abandoned")
+            elif pending.deadline is not None and now >= pending.deadline:
+                pending.future.set_exception(DeadlineExceeded())
+                self._observer.skipped("deadline")
+            else:
+                kept.append(pending)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._observer.queue_depth(self.depth)
+
+    def _take(self) -> list[_Pending[T, R]]:
+        batch = []
+        while self._queue and len(batch) < self.max_batch_size:
+            batch.append(self._queue.popleft())
+        self._state.in_flight += 1
+        self._observer.queue_depth(self.depth)
+        return batch
+
+    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+        started = self._clock()
+        self._observer.batch_started(len(batch), [started - p.enqueued_at for p in batch])
+        failed = True
+        try:
+            loop = asyncio.get_running_loop()
+            items = [pending.item for pending in batch]
+            results = await loop.run_in_executor(self._executor, self._run_batch, items)
+            if len(results) != len(batch):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} items")
+            run_s = self._clock() - started
+            for pending, value in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    completed = Completed(value, started - pending.enqueued_at, run_s, len(batch))
+                    pending.future.set_result(completed)
+            failed = False
+        except Exception:
+            log.exception("batch of %d failed; failing its requests", len(batch))
+            self._fail(batch, InferenceFailed())
+        except asyncio.CancelledError:
+            self._fail(batch, Draining())
+            raise
+        finally:
+            self._observer.batch_finished(len(batch), self._clock() - started, failed)
+            self._state.in_flight -= 1
+            self._slots.release()
+            self._wakeup.set()
+
+    @staticmethod
+    def _fail(batch: list[_Pending[T, R]], error: Exception) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)

@@ -1,0 +1,117 @@
+"""Service settings: one pydantic-settings object, read from `RESNET_SERVE_*` environment
+variables and overridden by command-line flags, passed into `create_app(settings)`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.model_package import Precision
+
+ENV_PREFIX = "RESNET_SERVE_"
+AUTO_PROVIDERS = "auto"
+
+
+def _default_decode_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Settings(BaseSettings):
+    """Every field is also an environment variable: `model_dir` is `RESNET_SERVE_MODEL_DIR`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- model
+    model_dir: Path = Field(Path("models/resnet50"), description="model package directory")
+    precision: Precision = Field(
+        Precision.FP32,
+        description="variant of the package to serve; falls back to fp32 with a warning "
+        "when the package lacks it (and fp16 falls back on CPU-only hosts)",
+    )
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [AUTO_PROVIDERS],
+        description="ONNX Runtime execution providers in order of preference, comma "
+        "separated; 'auto' = CUDAExecutionProvider when available, then CPUExecutionProvider",
+    )
+    device_id: int = Field(0, ge=0, description="GPU index for the CUDA provider")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per inference (0: one per physical core)"
+    )
+    inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads")
+    allow_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime threads spin between ops; off leaves cores to decoding",
+    )
+
+    # --- batching
+    max_batch_size: int = Field(8, ge=1, le=1024, description="images per engine run, at most")
+    max_queue_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        description="how long the oldest waiting image may wait for a fuller batch while "
+        "another batch is running; an idle engine takes work at once",
+    )
+    max_queue_size: int = Field(
+        256, ge=1, description="images admitted and not yet running; beyond it: 429"
+    )
+    max_concurrent_batches: int = Field(
+        1, ge=1, le=16, description="batches on the engine at once (2 helps keep a GPU busy)"
+    )
+    request_timeout_ms: float = Field(
+        30_000, gt=0, description="per-request deadline from arrival; beyond it: 504"
+    )
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="batch sizes run once before readiness, comma separated (default: every "
+        "size up to max_batch_size on GPUs, powers of two and the maximum on CPUs)",
+    )
+
+    # --- requests
+    decode_workers: int = Field(
+        default_factory=_default_decode_workers, ge=1, description="image decoding threads"
+    )
+    max_images_per_request: int = Field(32, ge=1, description="images in one request, at most")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="width x height limit, checked before decoding"
+    )
+    default_top_k: int = Field(5, ge=1, description="top_k when the request gives none")
+
+    # --- server
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long to finish accepted requests"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(False, description="log every request (costs throughput)")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("warmup_batch_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.providers:
+            raise ValueError("providers must name at least one execution provider or 'auto'")
+        too_big = [size for size in self.warmup_batch_sizes if not 1 <= size <= self.max_batch_size]
+        if too_big:
+            raise ValueError(
+                f"warmup_batch_sizes {too_big} must lie between 1 and max_batch_size "
+                f"({self.max_batch_size})"
+            )
+        return self

@@ -1,0 +1,150 @@
+"""ONNX Runtime inference: a batch of uint8 pixels in, logits and embeddings out.
+
+Knows nothing of HTTP, images or queues. `run` is synchronous and thread-safe (ONNX
+Runtime releases the GIL while it computes); callers run it on a dedicated executor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.model_package import ModelPackage, Precision
+
+log = logging.getLogger("resnet_serve.engine")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+GPU_PROVIDERS = frozenset({CUDA, "TensorrtExecutionProvider", "ROCMExecutionProvider"})
+LOGITS, EMBEDDING = "logits", "embedding"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    providers: Sequence[str] = ("auto",)
+    device_id: int = 0
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+
+
+def resolve_providers(requested: Sequence[str]) -> list[str]:
+    """`auto` → CUDA when this ONNX Runtime build has it, then CPU; unknown names fail."""
+    available = ort.get_available_providers()
+    if list(requested) == ["auto"]:
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise ValueError(
+            f"execution providers {missing} are not in this ONNX Runtime build "
+            f"(available: {', '.join(available)})"
+        )
+    return list(requested)
+
+
+def choose_variant(
+    package: ModelPackage, requested: Precision, providers: Sequence[str]
+) -> tuple[Precision, Path, list[str]]:
+    """The variant to load, with a warning for each fallback from what was asked."""
+    warnings: list[str] = []
+    precision = requested
+    if precision is Precision.FP16 and not GPU_PROVIDERS.intersection(providers):
+        warnings.append(
+            "fp16 was requested but no GPU execution provider is in use; FP16 on CPU is "
+            "slower than FP32, so serving fp32"
+        )
+        precision = Precision.FP32
+    path = package.variant_path(precision)
+    if path is None:
+        warnings.append(
+            f"the package at {package.directory} has no {precision} variant "
+            f"(it has: {', '.join(package.manifest.variants)}); serving fp32. "
+            f"Export one with `resnet-export ... --precision {precision}`"
+        )
+        precision = Precision.FP32
+        path = package.variant_path(precision)
+    if path is None:
+        raise FileNotFoundError(f"the package at {package.directory} has no fp32 variant")
+    return precision, path, warnings
+
+
+class InferenceEngine:
+    """One ONNX Runtime session over a graph with a uint8 image input and two outputs."""
+
+    def __init__(self, model_path: Path, options: EngineOptions) -> None:
+        providers = resolve_providers(options.providers)
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if options.allow_spinning else "0"
+        )
+        provider_options: list[dict[str, str]] = []
+        for name in providers:
+            if name == CUDA:
+                provider_options.append(
+                    {
+                        "device_id": str(options.device_id),
+                        # Batch shapes repeat, so searching once per shape pays off.
+                        "cudnn_conv_algo_search": "EXHAUSTIVE",
+                        "do_copy_in_default_stream": "1",
+                    }
+                )
+            else:
+                provider_options.append({})
+        self._session = ort.InferenceSession(
+            str(model_path), session_options, providers=providers, provider_options=provider_options
+        )
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
+            raise ValueError(f"{model_path} must take one uint8 [N, H, W, 3] input")
+        self.input_name: str = inputs[0].name
+        height, width, channels = inputs[0].shape[1:]
+        self.input_shape = (int(height), int(width), int(channels))
+        outputs = {output.name: output for output in self._session.get_outputs()}
+        if set(outputs) != {LOGITS, EMBEDDING}:
+            raise ValueError(f"{model_path} must have outputs {LOGITS!r} and {EMBEDDING!r}")
+        self.num_classes = int(outputs[LOGITS].shape[1])
+        self.embedding_dim = int(outputs[EMBEDDING].shape[1])
+        self.providers: list[str] = self._session.get_providers()
+        self.device = "cuda" if CUDA in self.providers else "cpu"
+        self.model_path = model_path
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`batch` is uint8 [N, H, W, 3]; returns float32 logits [N, C] and embeddings [N, D].
+
+        I/O binding hands ONNX Runtime our own output arrays to fill: on CUDA the results
+        are copied from the GPU once, straight into them, and never copied again.
+        """
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        count = batch.shape[0]
+        logits = np.empty((count, self.num_classes), dtype=np.float32)
+        embedding = np.empty((count, self.embedding_dim), dtype=np.float32)
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(LOGITS, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        binding.bind_output(EMBEDDING, "cpu", 0, np.float32, embedding.shape, embedding.ctypes.data)
+        self._session.run_with_iobinding(binding)
+        return logits, embedding
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run each batch size once, so first requests don't pay for allocation and
+        (on CUDA) convolution algorithm search."""
+        for size in batch_sizes:
+            self.run(np.zeros((size, *self.input_shape), dtype=np.uint8))
+
+
+def default_warmup_sizes(max_batch_size: int, device: str) -> list[int]:
+    if device == "cuda":
+        return list(range(1, max_batch_size + 1))
+    sizes = {
+        1 << power for power in range(max_batch_size.bit_length()) if 1 << power <= max_batch_size
+    }
+    return sorted(sizes | {max_batch_size})

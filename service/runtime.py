@@ -1,0 +1,325 @@
+"""The serving pipeline behind the endpoints: load and warm the model, decode images on a
+thread pool, batch them onto the engine, and drain on shutdown.
+
+decode (pool of `decode_workers` threads) → batcher (event loop) → engine (own executor).
+The stages overlap: while one batch runs, the next requests are being decoded.
+Knows nothing of HTTP; the app maps its errors to responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import numpy as np
+
+from service.batching import Completed, DynamicBatcher
+from service.config import Settings
+from service.engine import (
+    EngineOptions,
+    InferenceEngine,
+    choose_variant,
+    default_warmup_sizes,
+    resolve_providers,
+)
+from service.errors import DeadlineExceeded, Draining, NotReady, ServiceError
+from service.metrics import ServiceMetrics
+from service.model_package import ModelPackage, Precision
+from service.preprocess import ImagePreprocessor
+
+log = logging.getLogger("resnet_serve")
+
+Outputs = tuple[np.ndarray, np.ndarray]  # one image's (logits, embedding)
+
+
+class Engine(Protocol):
+    """What the runtime needs of an engine (the real one, or a test double)."""
+
+    providers: list[str]
+    device: str
+
+    def run(self, batch: np.ndarray) -> Outputs: ...
+    def warm_up(self, batch_sizes: list[int]) -> None: ...
+
+
+EngineFactory = Callable[[Settings, ModelPackage], tuple[Engine, Precision, list[str]]]
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass
+class ImageResult:
+    logits: np.ndarray
+    embedding: np.ndarray
+    decode_s: float
+    queued_s: float
+    run_s: float
+    batch_size: int
+
+
+@dataclass
+class Served:
+    """What was actually loaded: may differ from what was asked (see `warnings`)."""
+
+    precision: Precision
+    providers: list[str]
+    device: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_onnx_engine(
+    settings: Settings, package: ModelPackage
+) -> tuple[Engine, Precision, list[str]]:
+    providers = resolve_providers(settings.providers)
+    precision, path, warnings = choose_variant(package, settings.precision, providers)
+    options = EngineOptions(
+        providers=providers,
+        device_id=settings.device_id,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        allow_spinning=settings.allow_spinning,
+    )
+    return InferenceEngine(path, options), precision, warnings
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        engine_factory: EngineFactory = load_onnx_engine,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.state = State.STARTING
+        self.failure: str | None = None
+        self.package: ModelPackage | None = None
+        self.served: Served | None = None
+        self._engine_factory = engine_factory
+        self._engine: Engine | None = None
+        self._preprocessor: ImagePreprocessor | None = None
+        self._batcher: DynamicBatcher[np.ndarray, Outputs] | None = None
+        self._decode_pool = ThreadPoolExecutor(settings.decode_workers, "decode")
+        self._engine_pool = ThreadPoolExecutor(settings.max_concurrent_batches, "engine")
+        self._in_progress = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._settled = asyncio.Event()  # set once loading has succeeded or failed
+        metrics.queue_capacity.set(settings.max_queue_size)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def load(self) -> None:
+        """Load, warm up, start batching; the state says how it went (never raises)."""
+        try:
+            await self._load()
+        finally:
+            self._settled.set()
+
+    async def wait_loaded(self) -> State:
+        await self._settled.wait()
+        return self.state
+
+    async def _load(self) -> None:
+        try:
+            await asyncio.to_thread(self._load_blocking)
+        except Exception as exc:
+            self.state = State.FAILED
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.error("model failed to load: %s", self.failure)
+            return
+        assert self._engine is not None
+        self._batcher = DynamicBatcher(
+            self._run_batch,
+            self._engine_pool,
+            max_batch_size=self.settings.max_batch_size,
+            max_queue_delay_s=self.settings.max_queue_delay_ms / 1000,
+            max_queue_size=self.settings.max_queue_size,
+            max_concurrent_batches=self.settings.max_concurrent_batches,
+            observer=self.metrics,
+        )
+        self._batcher.start()
+        if self.state is State.STARTING:
+            self.state = State.READY
+            self.metrics.ready.set(1)
+            log.info("ready: serving on %s", self.served.device if self.served else "?")
+
+    def _load_blocking(self) -> None:
+        started = time.perf_counter()
+        package = ModelPackage.load(self.settings.model_dir)
+        manifest = package.manifest
+        self.package = package
+        engine, precision, warnings = self._engine_factory(self.settings, package)
+        self.served = Served(precision, list(engine.providers), engine.device, warnings)
+        for warning in warnings:
+            log.warning(warning)
+        if not manifest.trained:
+            log.warning(
+                "THIS MODEL IS UNTRAINED: %s was exported from random weights (seed %s). "
+                "Its labels and scores are meaningless; export trained weights for real use.",
+                manifest.name,
+                manifest.source.seed,
+            )
+        self._preprocessor = ImagePreprocessor(
+            manifest.preprocessing, self.settings.max_image_pixels
+        )
+        sizes = self.settings.warmup_batch_sizes or default_warmup_sizes(
+            self.settings.max_batch_size, engine.device
+        )
+        warm_started = time.perf_counter()
+        engine.warm_up(sizes)
+        self._engine = engine
+        self.metrics.model.info(
+            {
+                "name": manifest.name,
+                "version": manifest.version,
+                "arch": manifest.arch,
+                "precision": str(precision),
+                "trained": str(manifest.trained).lower(),
+                "device": engine.device,
+            }
+        )
+        log.info(
+            "loaded %s v%s (%s, %s, %s) on %s in %.1f s, warm-up over batch sizes %s in %.1f s",
+            manifest.name,
+            manifest.version,
+            manifest.arch,
+            precision,
+            "trained" if manifest.trained else "UNTRAINED",
+            ", ".join(engine.providers),
+            warm_started - started,
+            sizes,
+            time.perf_counter() - warm_started,
+        )
+
+    def begin_drain(self) -> None:
+        """Readiness goes 503 and new requests are refused; accepted ones carry on."""
+        if self.state is not State.FAILED:
+            self.state = State.DRAINING
+        self.metrics.ready.set(0)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every accepted request is answered; False if `timeout_s` ran out."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float) -> None:
+        self.begin_drain()
+        if self._batcher is not None:
+            await self._batcher.close(timeout_s)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._engine_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def in_progress(self) -> int:
+        return self._in_progress
+
+    @property
+    def batcher(self) -> DynamicBatcher[np.ndarray, Outputs] | None:
+        return self._batcher
+
+    # ------------------------------------------------------------ requests
+
+    def admit(self) -> None:
+        """Refuse new work unless ready (503 `not_ready` / `draining`)."""
+        if self.state is State.DRAINING:
+            raise Draining()
+        if self.state is not State.READY:
+            raise NotReady(
+                "the model failed to load" if self.state is State.FAILED else NotReady.message
+            )
+
+    async def infer(self, images: list[bytes], timeout_s: float) -> list[ImageResult]:
+        """Decode, batch and run `images`; results in order. Raises `ServiceError`s.
+
+        The request counts as accepted (drain waits for it) from here to its answer.
+        """
+        self.admit()
+        assert self._batcher is not None
+        self._in_progress += 1
+        self._idle.clear()
+        self.metrics.requests_in_progress.inc()
+        futures: list[asyncio.Future[Completed[Outputs]]] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                with self._batcher.reserve(len(images)) as slots:
+                    decoded = await asyncio.gather(
+                        *(
+                            self._decode(index, data, len(images))
+                            for index, data in enumerate(images)
+                        )
+                    )
+                    futures = [slots.submit(pixels, deadline) for pixels, _ in decoded]
+                completed = await asyncio.gather(*futures)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"the request did not complete within {timeout_s * 1000:.0f} ms"
+            ) from exc
+        finally:
+            for future in futures:
+                future.cancel()  # no-op when done; otherwise the batcher skips it
+            self._in_progress -= 1
+            self.metrics.requests_in_progress.dec()
+            if self._in_progress == 0:
+                self._idle.set()
+        return [
+            ImageResult(
+                logits=done.value[0],
+                embedding=done.value[1],
+                decode_s=decode_s,
+                queued_s=done.queued_s,
+                run_s=done.run_s,
+                batch_size=done.batch_size,
+            )
+            for done, (_, decode_s) in zip(completed, decoded, strict=True)
+        ]
+
+    async def _decode(self, index: int, data: bytes, count: int) -> tuple[np.ndarray, float]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._decode_pool, self._decode_blocking, data)
+        except ServiceError as exc:
+            if count > 1:  # say which of the request's images is bad
+                exc.message = f"image {index}: {exc.message}"
+            raise
+
+    def _decode_blocking(self, data: bytes) -> tuple[np.ndarray, float]:
+        assert self._preprocessor is not None
+        started = time.perf_counter()
+        pixels = self._preprocessor(data)
+        elapsed = time.perf_counter() - started
+        self.metrics.decode_duration.observe(elapsed)
+        return pixels, elapsed
+
+    def _run_batch(self, items: list[np.ndarray]) -> list[Outputs]:
+        assert self._engine is not None
+        logits, embeddings = self._engine.run(np.stack(items))
+        return list(zip(logits, embeddings, strict=True))
+
+
+def error_reason(error: ServiceError) -> str:
+    """The `reason` label of `resnet_rejections_total` for an error."""
+    return {
+        "queue_full": "queue_full",
+        "draining": "draining",
+        "not_ready": "not_ready",
+        "deadline_exceeded": "deadline",
+        "client_closed_request": "client_disconnected",
+        "inference_failed": "internal",
+        "internal_error": "internal",
+    }.get(error.code, "bad_input")
