@@ -1,0 +1,123 @@
+"""Test helpers: a real uvicorn server on 127.0.0.1 in a thread, and engine test doubles."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI
+
+from service.config import Settings
+from service.model_package import ModelPackage, Precision
+
+
+class _ThreadServer(uvicorn.Server):
+    """uvicorn.Server that signals a threading.Event once it listens (or gives up)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        try:
+            await super().startup(sockets)
+        finally:
+            self.listening.set()
+
+
+@contextmanager
+def running_server(
+    app: FastAPI, timeout_s: float = 60.0, wait_loaded: bool = True
+) -> Iterator[str]:
+    """Serve `app` with uvicorn on an ephemeral 127.0.0.1 port; yields the base URL.
+
+    With `wait_loaded`, returns once the model has loaded (or failed to).
+    """
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", log_config=None
+    )
+    server = _ThreadServer(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    if not server.listening.wait(timeout_s) or not server.started:
+        server.should_exit = True
+        raise RuntimeError("uvicorn did not start")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    if wait_loaded:
+        assert server.loop is not None
+        loaded = asyncio.run_coroutine_threadsafe(app.state.runtime.wait_loaded(), server.loop)
+        loaded.result(timeout_s)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+
+
+@dataclass
+class FakeEngine:
+    """Deterministic, controllable stand-in for the ONNX Runtime engine.
+
+    logits[i] = the image's mean pixel value per class offset, so each image's answer is
+    recognisable; `gate` (when set) makes every run wait until the test opens it.
+    """
+
+    num_classes: int
+    embedding_dim: int = 8
+    providers: list[str] = field(default_factory=lambda: ["FakeExecutionProvider"])
+    device: str = "cpu"
+    batches: list[np.ndarray] = field(default_factory=list)
+    gate: threading.Event | None = None
+    running: threading.Event = field(default_factory=threading.Event)
+    fail_when: object = None  # a callable(batch) -> bool: raise for such batches
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.batches.append(batch.copy())
+        self.running.set()
+        if self.gate is not None and not self.gate.wait(30):
+            raise TimeoutError("test gate never opened")
+        if callable(self.fail_when) and self.fail_when(batch):
+            raise RuntimeError("injected engine failure")
+        means = batch.reshape(batch.shape[0], -1).mean(axis=1, dtype=np.float64)
+        logits = np.outer(means, np.ones(self.num_classes)) + np.arange(self.num_classes)
+        embedding = np.outer(means, np.arange(1, self.embedding_dim + 1))
+        return logits.astype(np.float32), embedding.astype(np.float32)
+
+    def warm_up(self, batch_sizes: list[int]) -> None:
+        pass
+
+    def factory(
+        self, settings: Settings, package: ModelPackage
+    ) -> tuple[FakeEngine, Precision, list[str]]:
+        return self, Precision.FP32, []
+
+    @property
+    def images_seen(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample's value from Prometheus text exposition (0 when absent)."""
+    wanted = labels or {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        metric, _, value = line.rpartition(" ")
+        sample_name, _, label_text = metric.partition("{")
+        if sample_name != name:
+            continue
+        found = dict(
+            part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part
+        )
+        found = {key: val.strip('"') for key, val in found.items()}
+        if all(found.get(key) == val for key, val in wanted.items()):
+            return float(value)
+    return 0.0
