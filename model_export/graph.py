@@ -31,6 +31,9 @@ class FusedPreprocess(nn.Module):
     `(x / 255 - mean) / std` is folded into one multiply and one add per channel.
     """
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)

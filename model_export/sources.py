@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -143,23 +143,16 @@ def _from_torchvision_module(
     source: Source,
     trained: bool,
 ) -> LoadedModel:
-    features = nn.Sequential(
-        model.conv1,
-        model.bn1,
-        model.relu,
-        model.maxpool,
-        model.layer1,
-        model.layer2,
-        model.layer3,
-        model.layer4,
-    )
+    stem_and_stages = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    features = nn.Sequential(*(model.get_submodule(name) for name in stem_and_stages))
+    classifier = cast(nn.Linear, model.get_submodule("fc"))
     return LoadedModel(
         arch=arch,
         features=features,
-        classifier=model.fc,
-        reference=_forward_capturing_classifier_input(model, model.fc),
-        num_classes=model.fc.out_features,
-        embedding_dim=model.fc.in_features,
+        classifier=classifier,
+        reference=_forward_capturing_classifier_input(model, classifier),
+        num_classes=classifier.out_features,
+        embedding_dim=classifier.in_features,
         labels=labels,
         preprocessing=preprocessing,
         source=source,
@@ -365,7 +358,7 @@ def load_huggingface(directory: Path, num_classes: int | None) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     try:
-        config = ResNetConfig.from_pretrained(directory, local_files_only=True)
+        config: Any = ResNetConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot read {directory / 'config.json'}: {exc}") from exc
     if config.model_type != "resnet":
@@ -375,8 +368,11 @@ def load_huggingface(directory: Path, num_classes: int | None) -> LoadedModel:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # loading info is checked below, not printed
     try:
-        model, info = ResNetForImageClassification.from_pretrained(
-            directory, local_files_only=True, output_loading_info=True
+        model, info = cast(
+            tuple[Any, dict[str, list[Any]]],
+            ResNetForImageClassification.from_pretrained(
+                directory, local_files_only=True, output_loading_info=True
+            ),
         )
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -4,7 +4,6 @@ Inference work happens in `Runtime`; this module turns requests into calls on it
 its results and errors into responses. Every error is `{"error": {"code", "message"}}`.
 """
 
-
 import asyncio
 import logging
 import time

@@ -267,7 +267,7 @@ class DynamicBatcher(Generic[T, R]):
             self._observer.queue_depth(self.depth)
 
     def _take(self) -> list[_Pending[T, R]]:
-        batch = []
+        batch: list[_Pending[T, R]] = []
         while self._queue and len(batch) < self.max_batch_size:
             batch.append(self._queue.popleft())
         self._state.in_flight += 1

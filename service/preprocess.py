@@ -103,7 +103,7 @@ class ImagePreprocessor:
             # Pillow warns (rather than raises) between 1x and 2x its own pixel limit;
             # our own limit below is the one that applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         width, height = image.size
         if width * height > self.max_pixels:
             raise ImageTooLarge(

@@ -1,0 +1,21 @@
+# Each target sets up what it needs (a .venv with the right extras) first.
+.PHONY: install serve test lint bench export clean
+
+install:
+	scripts/setup.sh
+
+serve:
+	scripts/serve.sh
+
+test:
+	scripts/test.sh
+
+lint:
+	scripts/lint.sh
+
+bench:
+	scripts/setup.sh
+	.venv/bin/python -m loadtests $(BENCH_ARGS)
+
+clean:
+	rm -rf .venv models loadtests/results .pytest_cache .ruff_cache .mypy_cache

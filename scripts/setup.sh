@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with the extras it needs; re-runs only when
+# pyproject.toml changed. Usage: scripts/setup.sh [EXTRAS]   (default: cpu,export,dev,bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-cpu,export,dev,bench}"
+python="${PYTHON:-python3}"
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: Python 3.11 or newer is needed (found $("$python" --version 2>&1))" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${extras//,/-}"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # torch/torchvision are pinned in pyproject.toml; pip takes them from its configured
+  # find-links/index (a local wheel where the machine has one).
+  .venv/bin/python -m pip install --quiet -e ".[${extras}]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
