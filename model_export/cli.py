@@ -25,6 +25,20 @@ RANDOM_CHECK_IMAGES = 4
 CALIBRATION_CROPS_PER_IMAGE = 4
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resnet-export",
@@ -82,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--num-classes",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="number of classes; checked against the weights (default: what the weights "
         "say, 1000 for --random-init)",
@@ -91,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels",
         type=Path,
         metavar="PATH",
-        help="class names for --weights-file: a JSON list or one name per line "
+        help="class names for --weights-file or --random-init: a JSON list or one name per line "
         "(default: ImageNet-1k names for 1000 classes, class_<i> otherwise)",
     )
     output = parser.add_argument_group("output")
@@ -129,14 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibration.add_argument(
         "--calibration-limit",
-        type=int,
+        type=positive_int,
         default=256,
         metavar="N",
         help="use at most N images from --calibration-dir (default: %(default)s)",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="CPU threads for PyTorch and ONNX Runtime during verification (0: all cores)",
     )
@@ -148,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(args: argparse.Namespace, progress: Progress) -> sources.LoadedModel:
     labels = None
+    if args.labels is not None and (args.hf_dir is not None or args.weights is not None):
+        raise ExportError(
+            "--labels applies to --weights-file and --random-init; Hugging Face checkpoints "
+            "and torchvision weights carry their own class names"
+        )
     if args.labels is not None:
         if args.num_classes is None:
             raise ExportError("--labels needs --num-classes, so the two can be checked")

@@ -29,24 +29,28 @@ def tool_versions(*distributions: str) -> dict[str, str]:
 
 
 def check_output_path(out: Path, force: bool) -> None:
-    """Fail before the long steps if the package could not be written at the end."""
+    """Fail before the long steps if the package could not be written at the end.
+
+    Creates nothing: missing parent directories are made only when the package is staged.
+    """
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"output directory {out} already exists; pass --force to replace it")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create {parent}: {exc.strerror or exc}") from exc
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"output path {out} is not writable (no write permission on {parent})")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"cannot create {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"output path {out} is not writable (no write permission on {ancestor})")
 
 
 @contextmanager
 def staging_directory(out: Path) -> Iterator[Path]:
     """A temporary directory beside `out`, removed unless `publish` moved it into place."""
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as exc:
         raise ExportError(f"cannot write to {out.parent}: {exc.strerror or exc}") from exc

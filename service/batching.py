@@ -175,6 +175,12 @@ class DynamicBatcher(Generic[T, R]):
     def _enqueue(self, item: T, deadline: float | None) -> asyncio.Future[Completed[R]]:
         future: asyncio.Future[Completed[R]] = asyncio.get_running_loop().create_future()
         self._state.reserved -= 1
+        if self._state.closing and (self._loop_task is None or self._loop_task.done()):
+            # Nobody will read the queue any more (a drain gave up): fail now, not at the
+            # caller's deadline.
+            future.set_exception(Draining())
+            self._observer.queue_depth(self.depth)
+            return future
         self._queue.append(_Pending(item, future, self._clock(), deadline))
         self._wakeup.set()
         return future
@@ -196,10 +202,11 @@ class DynamicBatcher(Generic[T, R]):
             self._fail_queued(Draining())
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._loop_task), timeout_s)
-            running = set(self._state.running_batches)
-            if running:
-                await asyncio.wait_for(asyncio.gather(*running), timeout_s)
+            async with asyncio.timeout(timeout_s):  # one deadline for the queue and the engine
+                await asyncio.shield(self._loop_task)
+                running = set(self._state.running_batches)
+                if running:
+                    await asyncio.gather(*running)
         except TimeoutError:
             log.error("batcher: drain timed out after %.1f s; failing what is left", timeout_s)
             self._loop_task.cancel()
@@ -208,10 +215,8 @@ class DynamicBatcher(Generic[T, R]):
             self._fail_queued(Draining())
 
     def _fail_queued(self, error: Exception) -> None:
-        while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(error)
+        self._fail(list(self._queue), error)
+        self._queue.clear()
         self._observer.queue_depth(self.depth)
 
     # ------------------------------------------------------------ the owner

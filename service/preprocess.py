@@ -67,6 +67,21 @@ def crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[float, floa
     )
 
 
+# Single-channel modes deeper than 8 bits (16-bit PNG, TIFF): Pillow's convert() would
+# clip them to 255 rather than scale them.
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":  # floats: 0..1 or 0..255
+        full_scale = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+    else:  # 16-bit samples (mode I holds them too, once loaded from a 16-bit file)
+        full_scale = 65535.0
+    scaled = np.clip(values / full_scale, 0.0, 1.0) * 255.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+
+
 class ImagePreprocessor:
     """Turns one encoded image into a `(crop, crop, 3)` uint8 array, or raises a 4xx error."""
 
@@ -117,6 +132,8 @@ class ImagePreprocessor:
             image.draft("RGB", (self.spec.resize, self.spec.resize))
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
         transpose = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+        if image.mode in _HIGH_DEPTH_MODES:
+            image = _to_8_bit(image)
         if image.mode != "RGB":
             image = image.convert("RGB")
         if transpose is not None:

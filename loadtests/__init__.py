@@ -1,0 +1,1 @@
+"""The project's benchmark: load generators, the in-process ceiling, and reports."""

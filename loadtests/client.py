@@ -1,0 +1,249 @@
+"""A deliberately cheap HTTP/1.1 load generator (asyncio protocols, pre-built requests).
+
+It shares the cores with the server under test, so every microsecond it spends is taken
+from the server: requests are serialised once up front, responses are parsed only as far
+as the status line and Content-Length, and connections are kept alive.
+
+- `closed_loop`: `concurrency` clients, each sending its next request when the previous
+  answer arrives; measures saturation throughput.
+- `open_loop`: requests sent on a Poisson schedule whether or not earlier ones have
+  returned (new connections are opened as needed); latency counts from the *scheduled*
+  send time, so time spent queueing anywhere is not hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import resource
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def raw_request(path: str, body: bytes, content_type: str, host: str) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def multipart_request(path: str, images: Sequence[bytes], host: str) -> bytes:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for index, image in enumerate(images):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="{index}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+            + image
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return raw_request(path, body, f"multipart/form-data; boundary={boundary}", host)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection with at most one request outstanding."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[int] | None = None
+        self._expected: int | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("connection closed"))
+
+    def send(self, request: bytes) -> asyncio.Future[int]:
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._buffer.clear()
+        self._expected = None
+        self.transport.write(request)
+        return self._waiter
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._expected is None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self._buffer[:end]).lower()
+            start = head.find(b"content-length:")
+            length = int(head[start + 15 : head.find(b"\r\n", start)]) if start >= 0 else 0
+            self._status = int(head[9:12])
+            self._expected = end + 4 + length
+        if len(self._buffer) >= self._expected and self._waiter and not self._waiter.done():
+            self._waiter.set_result(self._status)
+
+
+async def _connect(host: str, port: int) -> _Connection:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(_Connection, host, port)
+    return protocol
+
+
+@dataclass
+class LoadResult:
+    mode: str
+    target: float  # concurrency (closed loop) or offered requests/s (open loop)
+    duration_s: float
+    images_per_request: int
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: int = 0
+    client_cpu_s: float = 0.0
+
+    @property
+    def completed(self) -> int:
+        return self.statuses.get(200, 0)
+
+    @property
+    def failed(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status != 200) + self.errors
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.completed / self.duration_s
+
+    @property
+    def images_per_s(self) -> float:
+        return self.requests_per_s * self.images_per_request
+
+    @property
+    def client_cpu_cores(self) -> float:
+        return self.client_cpu_s / self.duration_s
+
+    def percentile_ms(self, q: float) -> float:
+        return (
+            float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else float("nan")
+        )
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {
+            "mode": self.mode,
+            "target": self.target,
+            "duration_s": round(self.duration_s, 3),
+            "images_per_request": self.images_per_request,
+            "completed": self.completed,
+            "failed": self.failed,
+            "requests_per_s": round(self.requests_per_s, 2),
+            "images_per_s": round(self.images_per_s, 2),
+            "p50_ms": round(self.percentile_ms(50), 2),
+            "p90_ms": round(self.percentile_ms(90), 2),
+            "p99_ms": round(self.percentile_ms(99), 2),
+            "client_cpu_cores": round(self.client_cpu_cores, 3),
+        }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def closed_loop(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    images_per_request: int = 1,
+) -> LoadResult:
+    """`concurrency` keep-alive clients back to back; only the measured window counts."""
+    connections = [await _connect(host, port) for _ in range(concurrency)]
+    result = LoadResult("closed", concurrency, duration_s, images_per_request)
+    cycle = itertools.cycle(requests)
+    start = time.perf_counter() + warmup_s
+    stop = start + duration_s
+
+    async def worker(connection: _Connection) -> None:
+        while True:
+            sent = time.perf_counter()
+            if sent >= stop:
+                return
+            try:
+                status = await connection.send(next(cycle))
+            except ConnectionError:
+                result.errors += 1
+                return
+            done = time.perf_counter()
+            if sent >= start:
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+                result.latencies_s.append(done - sent)
+
+    cpu_before: float | None = None
+
+    async def measure_cpu() -> None:
+        nonlocal cpu_before
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        cpu_before = _cpu_seconds()
+
+    await asyncio.gather(measure_cpu(), *(worker(c) for c in connections))
+    result.client_cpu_s = _cpu_seconds() - (cpu_before or _cpu_seconds())
+    # Requests sent before `stop` may finish after it; count the window they ran in.
+    result.duration_s = max(duration_s, time.perf_counter() - start)
+    for connection in connections:
+        if connection.transport is not None:
+            connection.transport.close()
+    return result
+
+
+async def open_loop(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    rate_per_s: float,
+    duration_s: float,
+    seed: int = 0,
+    images_per_request: int = 1,
+) -> LoadResult:
+    """Poisson arrivals at `rate_per_s` for `duration_s`; latency from the scheduled time."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate_per_s, size=int(rate_per_s * duration_s * 1.5) + 16)
+    offsets = np.cumsum(gaps)
+    offsets = offsets[offsets < duration_s]
+    idle: list[_Connection] = [await _connect(host, port) for _ in range(8)]
+    result = LoadResult("open", rate_per_s, duration_s, images_per_request)
+    cycle = itertools.cycle(requests)
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(scheduled: float, request: bytes) -> None:
+        connection = idle.pop() if idle else await _connect(host, port)
+        try:
+            status = await connection.send(request)
+        except ConnectionError:
+            result.errors += 1
+            return
+        result.statuses[status] = result.statuses.get(status, 0) + 1
+        result.latencies_s.append(loop.time() - scheduled)
+        if not connection.closed:
+            idle.append(connection)
+
+    cpu_before = _cpu_seconds()
+    start = loop.time() + 0.05
+    for offset in offsets:
+        scheduled = start + float(offset)
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(scheduled, next(cycle))))
+    await asyncio.gather(*tasks)
+    result.client_cpu_s = _cpu_seconds() - cpu_before
+    result.duration_s = loop.time() - start
+    for connection in idle:
+        if connection.transport is not None:
+            connection.transport.close()
+    return result

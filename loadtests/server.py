@@ -1,0 +1,63 @@
+"""Start `resnet-serve` as a separate process for the benchmark, and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running_server(
+    model_dir: Path, precision: str, extra_args: list[str], log_path: Path, timeout_s: float = 120
+) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "service.cli",
+        "--model-dir", str(model_dir),
+        "--precision", precision,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--log-level", "warning",
+        *extra_args,
+    ]  # fmt: skip
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        try:
+            deadline = time.monotonic() + timeout_s
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+                while True:
+                    if process.poll() is not None:
+                        raise RuntimeError(f"the server exited early; see {log_path}")
+                    try:
+                        if http.get("/readyz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the server was not ready in {timeout_s} s")
+                    time.sleep(0.1)
+            yield "127.0.0.1", port
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)

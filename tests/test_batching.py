@@ -1,0 +1,663 @@
+"""DynamicBatcher against a fake engine (gated in a real thread pool) and a fake clock.
+
+No test sleeps or measures time: the engine records each batch and blocks on a gate the
+test opens, the batcher's clock is advanced by hand, and every wait that could hang is
+bounded (`asyncio.wait_for`, or a bounded wait on a threading condition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import pytest
+
+from service.batching import BatchObserver, Completed, DynamicBatcher
+from service.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+
+WAIT_S = 5.0  # upper bound on any wait; a passing test never gets near it
+
+T = TypeVar("T")
+
+
+class FakeClock:
+    """The batcher's clock: seconds that move only when the test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeEngine:
+    """`run_batch` for the batcher: records every batch, optionally waits on a gate.
+
+    `respond` turns a batch into its results (default: each item times 10); it may raise.
+    """
+
+    def __init__(self, respond: Callable[[list[int]], Sequence[int]] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self._respond = respond or (lambda items: [item * 10 for item in items])
+        self._changed = threading.Condition()
+
+    def hold(self) -> None:
+        """From now on each batch blocks, once recorded, until `release`."""
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def __call__(self, items: list[int]) -> Sequence[int]:
+        with self._changed:
+            self.batches.append(list(items))
+            self._changed.notify_all()
+        if not self.gate.wait(WAIT_S * 2):
+            raise RuntimeError("the test never released the engine")
+        return self._respond(items)
+
+    def _wait_batches(self, count: int) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.batches) >= count, WAIT_S)
+
+    async def wait_started(self, count: int) -> None:
+        """Wait (bounded) until the engine has been handed `count` batches in all."""
+        if not await asyncio.to_thread(self._wait_batches, count):
+            pytest.fail(f"the engine got {self.batches}, expected at least {count} batches")
+
+
+@dataclass
+class RecordingObserver:
+    depths: list[int] = field(default_factory=list)
+    started: list[tuple[int, list[float]]] = field(default_factory=list)
+    finished: list[tuple[int, float, bool]] = field(default_factory=list)
+    skips: list[str] = field(default_factory=list)
+
+    def queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        self.started.append((size, list(queue_waits_s)))
+
+    def batch_finished(self, size: int, run_s: float, failed: bool) -> None:
+        self.finished.append((size, run_s, failed))
+
+    def skipped(self, reason: str) -> None:
+        self.skips.append(reason)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [size for size, _ in self.started]
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fake-engine") as pool:
+        yield pool
+
+
+@pytest.fixture
+def engine() -> Iterator[FakeEngine]:
+    fake = FakeEngine()
+    yield fake
+    fake.release()  # never leave a pool thread blocked, whatever the test did
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def observer() -> RecordingObserver:
+    return RecordingObserver()
+
+
+def make_batcher(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: BatchObserver | None = None,
+    *,
+    max_batch_size: int = 4,
+    max_queue_delay_s: float = 1000.0,
+    max_queue_size: int = 100,
+    max_concurrent_batches: int = 1,
+) -> DynamicBatcher[int, int]:
+    return DynamicBatcher(
+        engine,
+        executor,
+        max_batch_size=max_batch_size,
+        max_queue_delay_s=max_queue_delay_s,
+        max_queue_size=max_queue_size,
+        max_concurrent_batches=max_concurrent_batches,
+        observer=observer,
+        clock=clock,
+    )
+
+
+async def settle(rounds: int = 20) -> None:
+    """Let every ready task on the loop run (yields to the loop; no time passes)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def bounded(awaitable: Awaitable[T]) -> T:
+    return await asyncio.wait_for(awaitable, WAIT_S)
+
+
+async def results(futures: Sequence[asyncio.Future[Completed[int]]]) -> list[Completed[int]]:
+    return await bounded(asyncio.gather(*futures))
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_idle_engine_takes_a_lone_item_without_waiting_for_the_delay(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, max_queue_delay_s=1000.0)
+        batcher.start()
+        with batcher.reserve(1) as slots:
+            future = slots.submit(7)
+        done = await bounded(future)
+        assert done == Completed(value=70, queued_s=0.0, run_s=0.0, batch_size=1)
+        assert engine.batches == [[7]]
+        assert clock.now == 1000.0  # nothing advanced the clock: the delay never applied
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_items_queued_behind_a_busy_engine_form_full_batches_in_order(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(
+            engine, executor, clock, observer, max_batch_size=4, max_concurrent_batches=1
+        )
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(6)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        queued = [slots.submit(item) for item in range(1, 6)]
+        await settle()
+        assert engine.batches == [[0]]
+        assert batcher.depth == 5
+        assert batcher.in_flight == 1
+
+        clock.advance(2.0)  # the queued items wait 2 s (fake) for the engine
+        engine.release()
+        done = await results([first, *queued])
+
+        assert engine.batches == [[0], [1, 2, 3, 4], [5]]
+        assert [completed.value for completed in done] == [0, 10, 20, 30, 40, 50]
+        assert [completed.batch_size for completed in done] == [1, 4, 4, 4, 4, 1]
+        assert [completed.queued_s for completed in done] == [0.0] + [2.0] * 5
+        assert observer.batch_sizes == [1, 4, 1]
+        assert observer.started == [(1, [0.0]), (4, [2.0] * 4), (1, [2.0])]
+        assert [(size, failed) for size, _, failed in observer.finished] == [
+            (1, False),
+            (4, False),
+            (1, False),
+        ]
+        # reserve(6) → 6 admitted; each batch taken lowers the depth by its size.
+        assert observer.depths == [6, 5, 1, 0]
+        assert batcher.depth == 0
+        assert observer.skips == []
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_run_time_is_measured_on_the_batcher_clock(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, observer)
+        batcher.start()
+        engine.hold()
+        with batcher.reserve(1) as slots:
+            future = slots.submit(3)
+        await engine.wait_started(1)
+        clock.advance(0.75)  # the engine "takes" 0.75 s
+        engine.release()
+        done = await bounded(future)
+        assert done == Completed(value=30, queued_s=0.0, run_s=0.75, batch_size=1)
+        assert observer.finished == [(1, 0.75, False)]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_a_partial_batch_waits_while_a_batch_runs_and_a_full_one_goes_at_once(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(
+            engine,
+            executor,
+            clock,
+            max_batch_size=4,
+            max_queue_delay_s=1000.0,
+            max_concurrent_batches=2,
+        )
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(5)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+
+        partial = [slots.submit(item) for item in (1, 2, 3)]
+        await settle()
+        # A free engine slot, but 3 < max_batch_size, the engine is not idle and no
+        # (fake) time has passed: the batcher waits for company.
+        assert engine.batches == [[0]]
+        assert batcher.depth == 4  # 3 queued + 1 still reserved
+
+        fourth = slots.submit(4)
+        await engine.wait_started(2)  # the full batch goes while the first still runs
+        assert engine.batches == [[0], [1, 2, 3, 4]]
+        assert batcher.in_flight == 2
+
+        engine.release()
+        done = await results([first, *partial, fourth])
+        assert [completed.value for completed in done] == [0, 10, 20, 30, 40]
+        assert [completed.batch_size for completed in done] == [1, 4, 4, 4, 4]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_a_partial_batch_goes_once_its_oldest_item_has_waited_the_delay(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(
+            engine,
+            executor,
+            clock,
+            observer,
+            max_batch_size=8,
+            max_queue_delay_s=10.0,
+            max_concurrent_batches=2,
+        )
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(5)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+
+        older = [slots.submit(1), slots.submit(2)]
+        await settle()
+        assert engine.batches == [[0]]
+
+        clock.advance(9.0)
+        third = slots.submit(3)  # wakes the batcher: the oldest has waited 9 s < 10 s
+        await settle()
+        assert engine.batches == [[0]]
+
+        clock.advance(1.0)
+        fourth = slots.submit(4)  # the oldest has now waited 10 s; this one 0 s
+        await engine.wait_started(2)
+        assert engine.batches == [[0], [1, 2, 3, 4]]
+        assert observer.started[1] == (4, [10.0, 10.0, 1.0, 0.0])
+
+        engine.release()
+        done = await results([first, *older, third, fourth])
+        assert [completed.value for completed in done] == [0, 10, 20, 30, 40]
+        assert [completed.queued_s for completed in done] == [0.0, 10.0, 10.0, 1.0, 0.0]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- admission
+
+
+def test_reserve_counts_toward_depth_and_refuses_beyond_max_queue_size(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        # Never started: whatever is submitted stays queued, so depth is exact.
+        batcher = make_batcher(engine, executor, clock, observer, max_queue_size=4)
+        held = batcher.reserve(3)
+        assert batcher.depth == 3
+
+        with pytest.raises(QueueFull) as refused:
+            batcher.reserve(2)
+        assert refused.value.status == 429
+        assert refused.value.code == "queue_full"
+        assert refused.value.headers.get("Retry-After") == "1"
+        assert batcher.depth == 3  # a refused reservation holds nothing
+
+        with batcher.reserve(1) as last:
+            assert batcher.depth == 4
+            with pytest.raises(QueueFull):
+                batcher.reserve(1)
+            assert isinstance(last.submit(99), asyncio.Future)
+            with pytest.raises(RuntimeError, match="more items submitted than reserved"):
+                last.submit(100)
+        assert batcher.depth == 4  # the submitted item is queued: it still counts
+
+        queued = held.submit(10)
+        assert batcher.depth == 4
+        held.release()  # gives back the 2 unused slots
+        assert batcher.depth == 2
+        held.release()  # idempotent
+        assert batcher.depth == 2
+
+        depth_inside: list[int] = []
+
+        def failing_request() -> None:
+            with batcher.reserve(2):
+                depth_inside.append(batcher.depth)
+                raise ValueError("boom")  # a failing request returns its slots on exit
+
+        with pytest.raises(ValueError, match="boom"):
+            failing_request()
+        assert depth_inside == [4]
+        assert batcher.depth == 2
+
+        assert observer.depths == [3, 4, 2, 4, 2]
+        assert engine.batches == []
+
+        await bounded(batcher.close(WAIT_S))  # never started: queued items fail at once
+        with pytest.raises(Draining):
+            await bounded(queued)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "queue_size", "concurrency"), [(0, 1, 1), (1, 0, 1), (1, 1, 0)]
+)
+def test_invalid_limits_are_refused(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    batch_size: int,
+    queue_size: int,
+    concurrency: int,
+) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        DynamicBatcher(
+            engine,
+            executor,
+            max_batch_size=batch_size,
+            max_queue_delay_s=0.0,
+            max_queue_size=queue_size,
+            max_concurrent_batches=concurrency,
+        )
+
+
+# ---------------------------------------------------------------- skipping
+
+
+def test_a_future_cancelled_while_queued_never_reaches_the_engine(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, observer, max_batch_size=4)
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(4)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        kept_a, abandoned, kept_b = slots.submit(1), slots.submit(2), slots.submit(3)
+        assert abandoned.cancel()
+        await settle()
+
+        engine.release()
+        done = await results([first, kept_a, kept_b])
+        assert [completed.value for completed in done] == [0, 10, 30]
+        assert engine.batches == [[0], [1, 3]]
+        assert observer.skips == ["abandoned"]
+        assert observer.batch_sizes == [1, 2]
+        assert abandoned.cancelled()
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_an_item_past_its_deadline_fails_without_reaching_the_engine(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, observer, max_batch_size=4)
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(4)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        late = slots.submit(1, deadline=clock() + 5.0)
+        on_the_dot = slots.submit(2, deadline=clock() + 10.0)
+        in_time = slots.submit(3, deadline=clock() + 10.5)
+        clock.advance(10.0)
+
+        engine.release()
+        done = await results([first, in_time])
+        assert [completed.value for completed in done] == [0, 30]
+        for expired in (late, on_the_dot):
+            with pytest.raises(DeadlineExceeded) as failure:
+                await bounded(expired)
+            assert failure.value.status == 504
+        assert engine.batches == [[0], [3]]
+        assert observer.skips == ["deadline", "deadline"]
+        assert observer.batch_sizes == [1, 1]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- failures
+
+
+def _poisoned(items: list[int]) -> Sequence[int]:
+    if 666 in items:
+        raise RuntimeError("the engine fell over")
+    return [item * 10 for item in items]
+
+
+def _short_handed(items: list[int]) -> Sequence[int]:
+    results = [item * 10 for item in items]
+    return results[:-1] if 666 in items else results
+
+
+@pytest.mark.parametrize("respond", [_poisoned, _short_handed], ids=["raises", "wrong_count"])
+def test_a_failing_batch_fails_only_its_own_items(
+    respond: Callable[[list[int]], Sequence[int]],
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    engine = FakeEngine(respond)
+
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, observer, max_batch_size=3)
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(5)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        doomed = [slots.submit(666), slots.submit(1), slots.submit(2)]
+        after = slots.submit(3)
+        await settle()
+
+        engine.release()
+        assert (await bounded(first)).value == 0
+        for future in doomed:
+            with pytest.raises(InferenceFailed) as failure:
+                await bounded(future)
+            assert failure.value.status == 500
+            assert failure.value.code == "inference_failed"
+        assert (await bounded(after)).value == 30  # the batcher carries on
+        assert engine.batches == [[0], [666, 1, 2], [3]]
+        assert [(size, failed) for size, _, failed in observer.finished] == [
+            (1, False),
+            (3, True),
+            (1, False),
+        ]
+
+        with batcher.reserve(1) as more:  # and still serves new work afterwards
+            assert (await bounded(more.submit(4))).value == 40
+        await bounded(batcher.close(WAIT_S))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.release()
+
+
+# ---------------------------------------------------------------- draining
+
+
+def test_close_runs_what_is_queued_and_refuses_new_work(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(
+            engine, executor, clock, observer, max_batch_size=2, max_concurrent_batches=1
+        )
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(4)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        queued = [slots.submit(item) for item in (1, 2, 3)]
+
+        closing = asyncio.create_task(batcher.close(WAIT_S))
+        await settle()
+        assert not closing.done()  # it waits for the queued work
+        with pytest.raises(Draining) as refused:
+            batcher.reserve(1)
+        assert refused.value.status == 503
+        assert refused.value.code == "draining"
+
+        engine.release()
+        await bounded(closing)
+        assert all(future.done() for future in (first, *queued))
+        done = await results([first, *queued])
+        assert [completed.value for completed in done] == [0, 10, 20, 30]
+        assert engine.batches == [[0], [1, 2], [3]]
+        assert observer.batch_sizes == [1, 2, 1]
+        assert batcher.depth == 0
+        assert batcher.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_close_dispatches_a_partial_batch_without_waiting_for_the_delay(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(
+            engine,
+            executor,
+            clock,
+            max_batch_size=4,
+            max_queue_delay_s=1000.0,
+            max_concurrent_batches=2,
+        )
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(2)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        partial = slots.submit(1)
+        await settle()
+        assert engine.batches == [[0]]
+
+        closing = asyncio.create_task(batcher.close(WAIT_S))
+        await engine.wait_started(2)  # goes while the first batch still runs
+        assert engine.batches == [[0], [1]]
+
+        engine.release()
+        await bounded(closing)
+        assert [completed.value for completed in await results([first, partial])] == [0, 10]
+
+    asyncio.run(scenario())
+
+
+def test_close_fails_what_is_left_when_the_engine_outlasts_the_timeout(
+    engine: FakeEngine,
+    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, observer, max_concurrent_batches=1)
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(3)
+        running = slots.submit(0)
+        await engine.wait_started(1)
+        queued = [slots.submit(1), slots.submit(2)]
+
+        # 0.2 s bounds how long close waits for the blocked engine; nothing is timed.
+        await bounded(batcher.close(0.2))
+        for future in (running, *queued):
+            with pytest.raises(Draining):
+                await bounded(future)
+        assert engine.batches == [[0]]
+        with pytest.raises(Draining):
+            batcher.reserve(1)
+        await settle()
+        assert [(size, failed) for size, _, failed in observer.finished] == [(1, True)]
+
+        engine.release()  # let the pool thread finish
+
+    asyncio.run(scenario())
+
+
+def test_a_submit_after_close_gave_up_fails_with_draining(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock)
+        batcher.start()
+        slots = batcher.reserve(1)  # a request still decoding when the drain starts
+        # close() waits for the reservation (it may yet be submitted); 0.2 s bounds that.
+        await bounded(batcher.close(0.2))
+        try:
+            future = slots.submit(1)  # the request finishes decoding, too late
+        except Draining:
+            return  # refusing the submit outright is as good as failing its future
+        await settle()
+        assert future.done(), "the item was queued after the batcher stopped"
+        with pytest.raises(Draining):
+            future.result()
+        assert engine.batches == []
+
+    asyncio.run(scenario())
