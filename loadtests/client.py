@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+REQUEST_TIMEOUT_S = 60.0  # a request unanswered this long counts as an error
+
 
 def raw_request(path: str, body: bytes, content_type: str, host: str) -> bytes:
     head = (
@@ -68,6 +70,9 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes) -> asyncio.Future[int]:
         assert self.transport is not None
         self._waiter = asyncio.get_running_loop().create_future()
+        if self.closed:
+            self._waiter.set_exception(ConnectionError("connection closed"))
+            return self._waiter
         self._buffer.clear()
         self._expected = None
         self.transport.write(request)
@@ -174,8 +179,8 @@ async def closed_loop(
             if sent >= stop:
                 return
             try:
-                status = await connection.send(next(cycle))
-            except ConnectionError:
+                status = await asyncio.wait_for(connection.send(next(cycle)), REQUEST_TIMEOUT_S)
+            except (ConnectionError, TimeoutError):
                 result.errors += 1
                 return
             done = time.perf_counter()
@@ -221,11 +226,15 @@ async def open_loop(
     tasks: list[asyncio.Task[None]] = []
 
     async def one(scheduled: float, request: bytes) -> None:
+        while idle and idle[-1].closed:  # the server closed it while it sat idle
+            idle.pop()
         connection = idle.pop() if idle else await _connect(host, port)
         try:
-            status = await connection.send(request)
-        except ConnectionError:
+            status = await asyncio.wait_for(connection.send(request), REQUEST_TIMEOUT_S)
+        except (ConnectionError, TimeoutError):
             result.errors += 1
+            if connection.transport is not None:
+                connection.transport.close()
             return
         result.statuses[status] = result.statuses.get(status, 0) + 1
         result.latencies_s.append(loop.time() - scheduled)

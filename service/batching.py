@@ -5,13 +5,18 @@ One task owns the queue. Callers reserve capacity (`reserve`, which fails fast w
 futures. The owner forms a batch when an engine slot is free and one of these holds:
 
 - the queue holds `max_batch_size` items;
-- the engine is idle (nothing in flight), so a lone request never waits for company;
-- the oldest waiting item has waited `max_queue_delay` (it counts from the oldest item).
+- the engine is idle: nothing runs and it has been free for `max_queue_delay`, or the
+  queue holds as many items as the last batch had. A lone request never waits for
+  company, while right after a batch of N the queue gets up to `max_queue_delay` to
+  refill to N, so a steady load keeps its batch size instead of splitting (`_due`);
+- while a batch runs (with `max_concurrent_batches` > 1), the oldest waiting item has
+  waited `max_queue_delay`.
 
 Items whose future is already done (the caller gave up: deadline, disconnect) are
 skipped before they reach the engine and counted. Each batch runs on an executor, off
 the event loop, inside an exception boundary: a failing batch fails only its own items
-and the loop lives on. The batcher knows nothing of images or HTTP.
+and the loop lives on; `run_batch` may also return an exception in place of one item's
+result to fail that item alone. The batcher knows nothing of images or HTTP.
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ class _State:
     reserved: int = 0
     in_flight: int = 0
     closing: bool = False
+    last_batch_size: int = 0
+    last_finished: float = float("-inf")
     running_batches: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -118,7 +125,7 @@ class Reservation(Generic[T, R]):
 class DynamicBatcher(Generic[T, R]):
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Sequence[R]],
+        run_batch: Callable[[list[T]], Sequence[R | BaseException]],
         executor: Executor,
         *,
         max_batch_size: int,
@@ -238,20 +245,42 @@ class DynamicBatcher(Generic[T, R]):
             self._drop_abandoned()
             timeout: float | None = None
             if self._queue:
-                waited = self._clock() - self._queue[0].enqueued_at
-                if (
-                    len(self._queue) >= self.max_batch_size
-                    or self._state.in_flight == 0
-                    or self._state.closing
-                    or waited >= self.max_queue_delay_s
-                ):
+                now = self._clock()
+                if len(self._queue) >= self.max_batch_size or self._state.closing or self._due(now):
                     return self._take()
-                timeout = self.max_queue_delay_s - waited
+                timeout = self._time_until_due(now)
             elif self._state.closing and self._state.reserved == 0:
                 return None
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                await asyncio.wait_for(
+                    self._wakeup.wait(), None if timeout is None else max(timeout, 0.0)
+                )
+
+    def _due(self, now: float) -> bool:
+        """Whether a partial batch should go now.
+
+        While a batch runs (more than one may run at once), the oldest waiting item may
+        wait `max_queue_delay` for company. With nothing running, the engine takes the
+        queue at once if it has been free for `max_queue_delay`, or if the queue already
+        holds as many items as the last batch had. Otherwise, right after a batch of N
+        finished, it waits up to `max_queue_delay` for the queue to refill to N: that
+        batch's clients are sending their next requests, and taking the first arrival
+        alone would split a steady load into batches of 1 and N-1, again and again. A
+        lone client (batches of 1) and an idle server are served at once.
+        """
+        state = self._state
+        if state.in_flight:
+            return now - self._queue[0].enqueued_at >= self.max_queue_delay_s
+        return (
+            len(self._queue) >= state.last_batch_size
+            or now - state.last_finished >= self.max_queue_delay_s
+        )
+
+    def _time_until_due(self, now: float) -> float:
+        if self._state.in_flight:
+            return self._queue[0].enqueued_at + self.max_queue_delay_s - now
+        return self._state.last_finished + self.max_queue_delay_s - now
 
     def _drop_abandoned(self) -> None:
         """Skip items nobody waits for any more, and fail those past their deadline."""
@@ -291,7 +320,11 @@ class DynamicBatcher(Generic[T, R]):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} items")
             run_s = self._clock() - started
             for pending, value in zip(batch, results, strict=True):
-                if not pending.future.done():
+                if pending.future.done():
+                    continue
+                if isinstance(value, BaseException):  # this item alone failed
+                    pending.future.set_exception(value)
+                else:
                     completed = Completed(value, started - pending.enqueued_at, run_s, len(batch))
                     pending.future.set_result(completed)
             failed = False
@@ -302,7 +335,10 @@ class DynamicBatcher(Generic[T, R]):
             self._fail(batch, Draining())
             raise
         finally:
-            self._observer.batch_finished(len(batch), self._clock() - started, failed)
+            finished = self._clock()
+            self._observer.batch_finished(len(batch), finished - started, failed)
+            self._state.last_batch_size = len(batch)
+            self._state.last_finished = finished
             self._state.in_flight -= 1
             self._slots.release()
             self._wakeup.set()

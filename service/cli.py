@@ -91,7 +91,7 @@ class DrainingServer(uvicorn.Server):
 
 def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     """argparse settings for a Settings field's type."""
-    if annotation is bool:
+    if annotation is bool or set(get_args(annotation)) == {bool, type(None)}:
         return None, {"action": argparse.BooleanOptionalAction}
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return str, {"choices": [member.value for member in annotation]}
@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        timeout_keep_alive=settings.keepalive_timeout_s,
         server_header=False,
     )
     server = DrainingServer(config, app.state.runtime, settings.shutdown_grace_s)

@@ -16,6 +16,7 @@ class ServiceError(Exception):
         super().__init__(message or self.message)
         self.message = message or self.message
         self.headers = headers or {}
+        self.index: int | None = None  # which of a request's images it concerns, if any
 
     def body(self) -> dict[str, dict[str, str]]:
         return {"error": {"code": self.code, "message": self.message}}

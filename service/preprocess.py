@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -96,22 +98,17 @@ class ImagePreprocessor:
     def output_shape(self) -> tuple[int, int, int]:
         return (self.spec.crop, self.spec.crop, 3)
 
-    def __call__(self, data: bytes) -> np.ndarray:
-        try:
-            return self._decode(data)
-        except (ImageTooLarge, InvalidImage):
-            raise
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(f"the image has too many pixels ({exc})") from exc
-        except UnidentifiedImageError as exc:
-            raise InvalidImage(
-                f"the data is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})"
-            ) from exc
-        except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
-            # Truncated or corrupt streams surface as any of these from Pillow's decoders.
-            raise InvalidImage(f"the image could not be decoded: {exc}") from exc
+    def check(self, data: bytes) -> None:
+        """Read only the header: raise the error a full decode would raise for a bad
+        format or too many pixels. Cheap enough to run on the event loop."""
+        with _decode_errors():
+            self._open(data)
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def __call__(self, data: bytes) -> np.ndarray:
+        with _decode_errors():
+            return self._decode(data)
+
+    def _open(self, data: bytes) -> Image.Image:
         if not data:
             raise InvalidImage("the image is empty")
         with warnings.catch_warnings():
@@ -127,6 +124,10 @@ class ImagePreprocessor:
             )
         if width < 1 or height < 1:
             raise InvalidImage("the image has no pixels")
+        return image
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        image = self._open(data)
         if image.format == "JPEG":
             # Decode at 1/2, 1/4 or 1/8 scale while both sides stay >= the resize target.
             image.draft("RGB", (self.spec.resize, self.spec.resize))
@@ -146,3 +147,21 @@ class ImagePreprocessor:
             reducing_gap=_REDUCING_GAP,
         )
         return np.asarray(resized, dtype=np.uint8)
+
+
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Pillow's many failure types → our two client errors."""
+    try:
+        yield
+    except (ImageTooLarge, InvalidImage):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"the image has too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(
+            f"the data is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})"
+        ) from exc
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
+        # Truncated or corrupt streams surface as any of these from Pillow's decoders.
+        raise InvalidImage(f"the image could not be decoded: {exc}") from exc

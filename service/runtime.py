@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -35,7 +36,18 @@ from service.preprocess import ImagePreprocessor
 
 log = logging.getLogger("resnet_serve")
 
-Outputs = tuple[np.ndarray, np.ndarray]  # one image's (logits, embedding)
+Outputs = tuple[np.ndarray, np.ndarray]  # a batch's (logits, embeddings)
+Pending = np.ndarray | bytes  # what the batcher carries: decoded pixels, or bytes to decode
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """One image's share of a batch run."""
+
+    logits: np.ndarray
+    embedding: np.ndarray
+    decode_s: float  # 0 when it was decoded before it was queued
+    infer_s: float
 
 
 class Engine(Protocol):
@@ -64,7 +76,7 @@ class ImageResult:
     embedding: np.ndarray
     decode_s: float
     queued_s: float
-    run_s: float
+    infer_s: float
     batch_size: int
 
 
@@ -109,7 +121,8 @@ class Runtime:
         self._engine_factory = engine_factory
         self._engine: Engine | None = None
         self._preprocessor: ImagePreprocessor | None = None
-        self._batcher: DynamicBatcher[np.ndarray, Outputs] | None = None
+        self._batcher: DynamicBatcher[Pending, ImageOutput] | None = None
+        self.decode_in_batch = False  # decided once the device is known
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, "decode")
         self._engine_pool = ThreadPoolExecutor(settings.max_concurrent_batches, "engine")
         self._in_progress = 0
@@ -171,6 +184,8 @@ class Runtime:
                 manifest.name,
                 manifest.source.seed,
             )
+        overlap = self.settings.overlap_decode
+        self.decode_in_batch = not (overlap if overlap is not None else engine.device != "cpu")
         self._preprocessor = ImagePreprocessor(
             manifest.preprocessing, self.settings.max_image_pixels
         )
@@ -229,7 +244,7 @@ class Runtime:
         return self._in_progress
 
     @property
-    def batcher(self) -> DynamicBatcher[np.ndarray, Outputs] | None:
+    def batcher(self) -> DynamicBatcher[Pending, ImageOutput] | None:
         return self._batcher
 
     # ------------------------------------------------------------ requests
@@ -253,23 +268,22 @@ class Runtime:
         self._in_progress += 1
         self._idle.clear()
         self.metrics.requests_in_progress.inc()
-        futures: list[asyncio.Future[Completed[Outputs]]] = []
+        futures: list[asyncio.Future[Completed[ImageOutput]]] = []
         deadline = time.monotonic() + timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 with self._batcher.reserve(len(images)) as slots:
-                    decoded = await asyncio.gather(
-                        *(
-                            self._decode(index, data, len(images))
-                            for index, data in enumerate(images)
-                        )
-                    )
-                    futures = [slots.submit(pixels, deadline) for pixels, _ in decoded]
+                    prepared = await self._prepare(images)
+                    futures = [slots.submit(item, deadline) for item, _ in prepared]
                 completed = await asyncio.gather(*futures)
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 f"the request did not complete within {timeout_s * 1000:.0f} ms"
             ) from exc
+        except ServiceError as exc:
+            if len(images) > 1 and exc.index is not None:  # say which image is bad
+                exc.message = f"image {exc.index}: {exc.message}"
+            raise
         finally:
             for future in futures:
                 future.cancel()  # no-op when done; otherwise the batcher skips it
@@ -279,26 +293,35 @@ class Runtime:
                 self._idle.set()
         return [
             ImageResult(
-                logits=done.value[0],
-                embedding=done.value[1],
-                decode_s=decode_s,
+                logits=done.value.logits,
+                embedding=done.value.embedding,
+                decode_s=done.value.decode_s or decoded_in_advance_s,
                 queued_s=done.queued_s,
-                run_s=done.run_s,
+                infer_s=done.value.infer_s,
                 batch_size=done.batch_size,
             )
-            for done, (_, decode_s) in zip(completed, decoded, strict=True)
+            for done, (_, decoded_in_advance_s) in zip(completed, prepared, strict=True)
         ]
 
-    async def _decode(self, index: int, data: bytes, count: int) -> tuple[np.ndarray, float]:
+    async def _prepare(self, images: list[bytes]) -> list[tuple[Pending, float]]:
+        """What to queue for each image, with the seconds spent decoding it here: its
+        bytes, checked from the header only, when decoding happens in the batch;
+        otherwise its pixels, decoded now on the decode pool."""
+        assert self._preprocessor is not None
+        if self.decode_in_batch:
+            for index, data in enumerate(images):
+                with _image_index(index):
+                    self._preprocessor.check(data)
+            return [(data, 0.0) for data in images]
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._decode_pool, self._decode_blocking, data)
-        except ServiceError as exc:
-            if count > 1:  # say which of the request's images is bad
-                exc.message = f"image {index}: {exc.message}"
-            raise
 
-    def _decode_blocking(self, data: bytes) -> tuple[np.ndarray, float]:
+        async def decode(index: int, data: bytes) -> tuple[Pending, float]:
+            with _image_index(index):
+                return await loop.run_in_executor(self._decode_pool, self._decode_timed, data)
+
+        return list(await asyncio.gather(*(decode(i, data) for i, data in enumerate(images))))
+
+    def _decode_timed(self, data: bytes) -> tuple[np.ndarray, float]:
         assert self._preprocessor is not None
         started = time.perf_counter()
         pixels = self._preprocessor(data)
@@ -306,10 +329,48 @@ class Runtime:
         self.metrics.decode_duration.observe(elapsed)
         return pixels, elapsed
 
-    def _run_batch(self, items: list[np.ndarray]) -> list[Outputs]:
+    def _decode_or_error(self, item: Pending) -> tuple[np.ndarray | ServiceError, float]:
+        if isinstance(item, np.ndarray):
+            return item, 0.0
+        try:
+            return self._decode_timed(item)
+        except ServiceError as error:
+            return error, 0.0
+
+    def _run_batch(self, items: list[Pending]) -> list[ImageOutput | BaseException]:
+        """Runs on the engine thread. With in-batch decoding, the batch's images are
+        decoded first (on the decode pool, in parallel) and an image that fails to decode
+        fails alone; then the engine runs on the rest."""
         assert self._engine is not None
-        logits, embeddings = self._engine.run(np.stack(items))
-        return list(zip(logits, embeddings, strict=True))
+        if len(items) == 1 or not self.decode_in_batch:
+            decoded = [self._decode_or_error(item) for item in items]
+        else:
+            decoded = list(self._decode_pool.map(self._decode_or_error, items))
+        pixels = [value for value, _ in decoded if isinstance(value, np.ndarray)]
+        logits = embeddings = np.empty((0, 0), dtype=np.float32)
+        started = time.perf_counter()
+        if pixels:
+            logits, embeddings = self._engine.run(np.stack(pixels))
+        infer_s = time.perf_counter() - started
+        outputs: list[ImageOutput | BaseException] = []
+        row = 0
+        for value, decode_s in decoded:
+            if isinstance(value, ServiceError):
+                outputs.append(value)
+                continue
+            outputs.append(ImageOutput(logits[row], embeddings[row], decode_s, infer_s))
+            row += 1
+        return outputs
+
+
+@contextmanager
+def _image_index(index: int) -> Iterator[None]:
+    """Tag a client error with the index of the request's image that caused it."""
+    try:
+        yield
+    except ServiceError as error:
+        error.index = index
+        raise
 
 
 def error_reason(error: ServiceError) -> str:

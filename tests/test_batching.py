@@ -129,7 +129,7 @@ def make_batcher(
     observer: BatchObserver | None = None,
     *,
     max_batch_size: int = 4,
-    max_queue_delay_s: float = 1000.0,
+    max_queue_delay_s: float = 0.0,
     max_queue_size: int = 100,
     max_concurrent_batches: int = 1,
 ) -> DynamicBatcher[int, int]:
@@ -659,5 +659,71 @@ def test_a_submit_after_close_gave_up_fails_with_draining(
         with pytest.raises(Draining):
             future.result()
         assert engine.batches == []
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- refilling after a batch
+
+
+def test_after_a_batch_the_queue_refills_to_its_size_before_dispatch(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    """Closed-loop clients: the 4 whose batch just finished send again; the first to
+    arrive must not go alone (that splits the load into batches of 1 and 3 forever)."""
+
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, max_batch_size=8, max_queue_delay_s=10.0)
+        batcher.start()
+        with batcher.reserve(4) as slots:
+            first = [slots.submit(item) for item in range(4)]
+        await results(first)
+        assert engine.batches == [[0, 1, 2, 3]]
+
+        slots = batcher.reserve(4)
+        second = [slots.submit(4)]
+        await settle()
+        assert engine.batches == [[0, 1, 2, 3]], "dispatched alone right after a batch of 4"
+        second += [slots.submit(item) for item in (5, 6, 7)]
+        await results(second)
+        assert engine.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_refill_wait_ends_after_the_delay(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, max_batch_size=8, max_queue_delay_s=10.0)
+        batcher.start()
+        with batcher.reserve(3) as slots:
+            await results([slots.submit(item) for item in range(3)])
+        slots = batcher.reserve(2)
+        late = [slots.submit(3)]
+        await settle()
+        assert engine.batches == [[0, 1, 2]]
+        clock.advance(10.0)
+        late.append(slots.submit(4))  # wakes the batcher; the delay since the batch is over
+        await results(late)
+        assert engine.batches == [[0, 1, 2], [3, 4]]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_client_never_waits_for_the_delay(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock, max_queue_delay_s=1000.0)
+        batcher.start()
+        for item in range(5):  # one request after another, each answered at once
+            with batcher.reserve(1) as slots:
+                await results([slots.submit(item)])
+        assert engine.batches == [[0], [1], [2], [3], [4]]
+        assert clock.now == 1000.0
+        await bounded(batcher.close(WAIT_S))
 
     asyncio.run(scenario())

@@ -311,3 +311,45 @@ def test_draining_refuses_new_work_with_503(
         assert_error(refused, 503, "draining")
         assert refused.headers["connection"] == "close"
         assert http.get("/healthz").status_code == 200
+
+
+def test_an_image_that_fails_to_decode_in_a_batch_fails_alone(
+    resnet18_package: Path, fake_engine: FakeEngine, photo_jpegs: dict[str, bytes]
+) -> None:
+    """A JPEG whose header is fine but whose data is cut off passes the check at the door,
+    is decoded inside the batch, and fails only its own request (400), not its batch."""
+    gate = gated(fake_engine)
+    _, app = serve(resnet18_package, fake_engine, max_batch_size=8, overlap_decode=False)
+    good = next(iter(photo_jpegs.values()))
+    truncated = good[: len(good) // 3]
+
+    async def scenario(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            first = asyncio.ensure_future(http.post("/predict", content=png(), headers=PNG))
+            assert await asyncio.to_thread(fake_engine.running.wait, 10)
+            queued = [
+                asyncio.ensure_future(http.post("/predict", content=body, headers=JPEG))
+                for body in (good, truncated, good)
+            ]
+            await wait_for_metric(http, "resnet_queue_depth", None, 3)
+            gate.set()
+            assert (await first).status_code == 200
+            ok_1, bad, ok_2 = await asyncio.gather(*queued)
+        assert ok_1.status_code == 200, ok_1.text
+        assert ok_2.status_code == 200, ok_2.text
+        assert_error(bad, 400, "invalid_image")
+        # The two good images ran together; the bad one never reached the engine.
+        assert [len(batch) for batch in fake_engine.batches] == [1, 2]
+
+    with running_server(app) as url:
+        asyncio.run(scenario(url))
+
+
+def test_the_bad_image_of_a_multi_image_request_is_named(limited: httpx.Client) -> None:
+    files = [
+        ("files", ("a.png", png(), "image/png")),
+        ("files", ("b.png", b"not an image at all", "image/png")),
+    ]
+    response = limited.post("/predict", files=files)
+    assert_error(response, 400, "invalid_image")
+    assert response.json()["error"]["message"].startswith("image 1: ")

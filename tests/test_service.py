@@ -49,11 +49,19 @@ def reference(resnet18_package: Path) -> Reference:
     return Reference(resnet18_package)
 
 
-@pytest.fixture(scope="module")
-def served(resnet18_package: Path) -> Iterator[tuple[str, FastAPI]]:
-    settings = Settings(model_dir=resnet18_package, precision="fp32", max_batch_size=8)
+@pytest.fixture(scope="module", params=[False, True], ids=["decode-in-batch", "overlap-decode"])
+def served(request: pytest.FixtureRequest, resnet18_package: Path) -> Iterator[tuple[str, FastAPI]]:
+    """The real service, decoding as part of each batch (the CPU default) or ahead of it
+    while other batches run (the GPU default)."""
+    settings = Settings(
+        model_dir=resnet18_package,
+        precision="fp32",
+        max_batch_size=8,
+        overlap_decode=request.param,
+    )
     app = create_app(settings)
     with running_server(app) as url:
+        assert app.state.runtime.decode_in_batch is not request.param
         yield url, app
 
 
