@@ -7,6 +7,7 @@ Runtime releases the GIL while it computes); callers run it on a dedicated execu
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ class EngineOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     allow_spinning: bool = False
+    concurrent_runs: int = 1  # batches the caller may run at once (see InferenceEngine)
 
 
 def resolve_providers(requested: Sequence[str]) -> list[str]:
@@ -74,18 +76,18 @@ def choose_variant(
 
 
 class InferenceEngine:
-    """One ONNX Runtime session over a graph with a uint8 image input and two outputs."""
+    """ONNX Runtime over a graph with a uint8 image input and two outputs.
+
+    On CPUs, when callers may run several batches at once (`concurrent_runs` > 1), a
+    second session with one thread per run serves every batch that starts while another
+    is running. A batch that runs alone gets all the cores (lowest latency); batches that
+    overlap each get one, so they never wait on each other's thread barriers (measured
+    here, INT8 ResNet-50 at saturation: 79-84 img/s with one multi-threaded run at a
+    time, 92 img/s with two single-threaded runs).
+    """
 
     def __init__(self, model_path: Path, options: EngineOptions) -> None:
         providers = resolve_providers(options.providers)
-        session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session_options.intra_op_num_threads = options.intra_op_threads
-        session_options.inter_op_num_threads = options.inter_op_threads
-        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session_options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if options.allow_spinning else "0"
-        )
         provider_options: list[dict[str, str]] = []
         for name in providers:
             if name == CUDA:
@@ -99,9 +101,24 @@ class InferenceEngine:
                 )
             else:
                 provider_options.append({})
-        self._session = ort.InferenceSession(
-            str(model_path), session_options, providers=providers, provider_options=provider_options
-        )
+
+        def open_session(intra_op_threads: int) -> ort.InferenceSession:
+            session_options = ort.SessionOptions()
+            session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session_options.intra_op_num_threads = intra_op_threads
+            session_options.inter_op_num_threads = options.inter_op_threads
+            session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            session_options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "1" if options.allow_spinning else "0"
+            )
+            return ort.InferenceSession(
+                str(model_path),
+                session_options,
+                providers=providers,
+                provider_options=provider_options,
+            )
+
+        self._session = open_session(options.intra_op_threads)
         inputs = self._session.get_inputs()
         if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
             raise ValueError(f"{model_path} must take one uint8 [N, H, W, 3] input")
@@ -116,29 +133,48 @@ class InferenceEngine:
         self.providers: list[str] = self._session.get_providers()
         self.device = "cuda" if CUDA in self.providers else "cpu"
         self.model_path = model_path
+        self._overlap_session: ort.InferenceSession | None = None
+        if self.device == "cpu" and options.concurrent_runs > 1 and options.intra_op_threads != 1:
+            self._overlap_session = open_session(1)
+        self._running = 0
+        self._lock = threading.Lock()
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`batch` is uint8 [N, H, W, 3]; returns float32 logits [N, C] and embeddings [N, D].
+        """`batch` is uint8 [N, H, W, 3]; returns float32 logits [N, C] and embeddings [N, D]."""
+        with self._lock:
+            alone = self._running == 0
+            self._running += 1
+        try:
+            if alone or self._overlap_session is None:
+                return self._run_on(self._session, batch)
+            return self._run_on(self._overlap_session, batch)
+        finally:
+            with self._lock:
+                self._running -= 1
 
-        I/O binding hands ONNX Runtime our own output arrays to fill: on CUDA the results
-        are copied from the GPU once, straight into them, and never copied again.
-        """
+    def _run_on(
+        self, session: ort.InferenceSession, batch: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """I/O binding hands ONNX Runtime our own output arrays to fill: on CUDA the results
+        are copied from the GPU once, straight into them, and never copied again."""
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         count = batch.shape[0]
         logits = np.empty((count, self.num_classes), dtype=np.float32)
         embedding = np.empty((count, self.embedding_dim), dtype=np.float32)
-        binding = self._session.io_binding()
+        binding = session.io_binding()
         binding.bind_cpu_input(self.input_name, batch)
         binding.bind_output(LOGITS, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         binding.bind_output(EMBEDDING, "cpu", 0, np.float32, embedding.shape, embedding.ctypes.data)
-        self._session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return logits, embedding
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run each batch size once, so first requests don't pay for allocation and
         (on CUDA) convolution algorithm search."""
-        for size in batch_sizes:
-            self.run(np.zeros((size, *self.input_shape), dtype=np.uint8))
+        sessions = [self._session, self._overlap_session]
+        for session in (session for session in sessions if session is not None):
+            for size in batch_sizes:
+                self._run_on(session, np.zeros((size, *self.input_shape), dtype=np.uint8))
 
 
 def default_warmup_sizes(max_batch_size: int, device: str) -> list[int]:

@@ -101,6 +101,7 @@ def load_onnx_engine(
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=settings.allow_spinning,
+        concurrent_runs=settings.max_concurrent_batches,
     )
     return InferenceEngine(path, options), precision, warnings
 
