@@ -10,7 +10,9 @@ futures. The owner forms a batch when an engine slot is free and one of these ho
   company, while right after a batch of N the queue gets up to `max_queue_delay` to
   refill to N, so a steady load keeps its batch size instead of splitting (`_due`);
 - while a batch runs (with `max_concurrent_batches` > 1), the oldest waiting item has
-  waited `max_queue_delay`.
+  waited `max_queue_delay` (unless `partial_batches_while_busy` is off: then only full
+  batches start beside a running one, which suits a CPU, where a second batch takes
+  cores from the first and pays only under a backlog).
 
 Items whose future is already done (the caller gave up: deadline, disconnect) are
 skipped before they reach the engine and counted. Each batch runs on an executor, off
@@ -132,6 +134,7 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_delay_s: float,
         max_queue_size: int,
         max_concurrent_batches: int = 1,
+        partial_batches_while_busy: bool = True,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -143,6 +146,7 @@ class DynamicBatcher(Generic[T, R]):
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.max_concurrent_batches = max_concurrent_batches
+        self.partial_batches_while_busy = partial_batches_while_busy
         self._observer: BatchObserver = observer or NullObserver()
         self._clock = clock
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
@@ -261,7 +265,8 @@ class DynamicBatcher(Generic[T, R]):
         """Whether a partial batch should go now.
 
         While a batch runs (more than one may run at once), the oldest waiting item may
-        wait `max_queue_delay` for company. With nothing running, the engine takes the
+        wait `max_queue_delay` for company; with `partial_batches_while_busy` off, only a
+        full batch may start beside a running one. With nothing running, the engine takes the
         queue at once if it has been free for `max_queue_delay`, or if the queue already
         holds as many items as the last batch had. Otherwise, right after a batch of N
         finished, it waits up to `max_queue_delay` for the queue to refill to N: that
@@ -271,14 +276,19 @@ class DynamicBatcher(Generic[T, R]):
         """
         state = self._state
         if state.in_flight:
-            return now - self._queue[0].enqueued_at >= self.max_queue_delay_s
+            return (
+                self.partial_batches_while_busy
+                and now - self._queue[0].enqueued_at >= self.max_queue_delay_s
+            )
         return (
             len(self._queue) >= state.last_batch_size
             or now - state.last_finished >= self.max_queue_delay_s
         )
 
-    def _time_until_due(self, now: float) -> float:
+    def _time_until_due(self, now: float) -> float | None:
         if self._state.in_flight:
+            if not self.partial_batches_while_busy:
+                return None  # only a full batch, or the running one finishing, wakes us
             return self._queue[0].enqueued_at + self.max_queue_delay_s - now
         return self._state.last_finished + self.max_queue_delay_s - now
 

@@ -61,7 +61,12 @@ class Settings(BaseSettings):
         256, ge=1, description="images admitted and not yet running; beyond it: 429"
     )
     max_concurrent_batches: int = Field(
-        1, ge=1, le=16, description="batches on the engine at once (2 helps keep a GPU busy)"
+        2,
+        ge=1,
+        le=16,
+        description="batches on the engine at once. GPUs: keeps the GPU busy while the next "
+        "batch is prepared. CPUs: a second batch starts only when a full one is waiting, and "
+        "runs single-threaded beside the first",
     )
     request_timeout_ms: float = Field(
         30_000, gt=0, description="per-request deadline from arrival; beyond it: 504"

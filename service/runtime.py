@@ -161,6 +161,8 @@ class Runtime:
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000,
             max_queue_size=self.settings.max_queue_size,
             max_concurrent_batches=self.settings.max_concurrent_batches,
+            # On a CPU a second batch takes cores from the first: only worth it for a full one.
+            partial_batches_while_busy=self.served is not None and self.served.device != "cpu",
             observer=self.metrics,
         )
         self._batcher.start()

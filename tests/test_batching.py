@@ -132,6 +132,7 @@ def make_batcher(
     max_queue_delay_s: float = 0.0,
     max_queue_size: int = 100,
     max_concurrent_batches: int = 1,
+    partial_batches_while_busy: bool = True,
 ) -> DynamicBatcher[int, int]:
     return DynamicBatcher(
         engine,
@@ -140,6 +141,7 @@ def make_batcher(
         max_queue_delay_s=max_queue_delay_s,
         max_queue_size=max_queue_size,
         max_concurrent_batches=max_concurrent_batches,
+        partial_batches_while_busy=partial_batches_while_busy,
         observer=observer,
         clock=clock,
     )
@@ -724,6 +726,48 @@ def test_a_lone_client_never_waits_for_the_delay(
                 await results([slots.submit(item)])
         assert engine.batches == [[0], [1], [2], [3], [4]]
         assert clock.now == 1000.0
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_without_partial_batches_while_busy_only_a_full_batch_joins_a_running_one(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    """The CPU policy: a second batch beside a running one only for a full batch, however
+    long the partial one has waited; it goes once the running batch finishes."""
+
+    async def scenario() -> None:
+        batcher = make_batcher(
+            engine,
+            executor,
+            clock,
+            max_batch_size=3,
+            max_queue_delay_s=1.0,
+            max_concurrent_batches=2,
+            partial_batches_while_busy=False,
+        )
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(7)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        partial = [slots.submit(1)]
+        clock.advance(5.0)  # far past the delay
+        partial.append(slots.submit(2))  # wakes the batcher: 2 of 3, oldest waited 5 s
+        await settle()
+        assert engine.batches == [[0]], "a partial batch started beside a running one"
+        extra = slots.submit(9)  # now a full batch of 3 is waiting
+        await engine.wait_started(2)
+        assert engine.batches == [[0], [1, 2, 9]]
+        late = [slots.submit(3), slots.submit(4)]
+        clock.advance(5.0)
+        late.append(slots.submit(5))  # a full batch again, but both slots are busy
+        await settle()
+        assert engine.batches == [[0], [1, 2, 9]]
+        engine.release()
+        await results([first, *partial, extra, *late])
+        assert engine.batches == [[0], [1, 2, 9], [3, 4, 5]]
         await bounded(batcher.close(WAIT_S))
 
     asyncio.run(scenario())

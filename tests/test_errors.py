@@ -151,7 +151,9 @@ def gated(engine: FakeEngine) -> threading.Event:
 
 def test_queue_full_answers_429_at_once(resnet18_package: Path, fake_engine: FakeEngine) -> None:
     gate = gated(fake_engine)
-    _, app = serve(resnet18_package, fake_engine, max_queue_size=2, max_batch_size=1)
+    _, app = serve(
+        resnet18_package, fake_engine, max_queue_size=2, max_batch_size=1, max_concurrent_batches=1
+    )
 
     async def scenario(url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -181,7 +183,13 @@ def test_deadline_gives_504_and_queued_work_is_skipped(
     resnet18_package: Path, fake_engine: FakeEngine
 ) -> None:
     gate = gated(fake_engine)
-    _, app = serve(resnet18_package, fake_engine, request_timeout_ms=300, max_batch_size=1)
+    _, app = serve(
+        resnet18_package,
+        fake_engine,
+        request_timeout_ms=300,
+        max_batch_size=1,
+        max_concurrent_batches=1,
+    )
 
     async def scenario(url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
