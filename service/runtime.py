@@ -1,9 +1,12 @@
 """The serving pipeline behind the endpoints: load and warm the model, decode images on a
 thread pool, batch them onto the engine, and drain on shutdown.
 
-decode (pool of `decode_workers` threads) → batcher (event loop) → engine (own executor).
-The stages overlap: while one batch runs, the next requests are being decoded.
-Knows nothing of HTTP; the app maps its errors to responses.
+Decoding has two placements (`Settings.overlap_decode`). On GPUs each image is decoded on
+the decode pool before it is queued, while the engine runs other batches. On CPUs, where
+decoding and inference share the cores and overlapping them only slows both, an image is
+checked from its header at the door, queued as bytes, and decoded as the first step of
+its batch (on the pool, in parallel). Knows nothing of HTTP; the app maps its errors to
+responses.
 """
 
 from __future__ import annotations
