@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -19,6 +20,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_ready(process: subprocess.Popen[Any], port: int, timeout_s: float, hint: str) -> None:
+    """Poll /readyz (bounded) until 200; fail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited early; {hint}")
+            try:
+                if http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not ready in {timeout_s} s; {hint}")
+            time.sleep(0.1)
 
 
 @contextmanager
@@ -39,19 +57,7 @@ def running_server(
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         try:
-            deadline = time.monotonic() + timeout_s
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"the server exited early; see {log_path}")
-                    try:
-                        if http.get("/readyz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the server was not ready in {timeout_s} s")
-                    time.sleep(0.1)
+            wait_ready(process, port, timeout_s, f"see {log_path}")
             yield "127.0.0.1", port
         finally:
             if process.poll() is None:

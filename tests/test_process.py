@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,17 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.server import free_port, wait_ready
 from service.cli import build_parser, main
 from service.config import Settings
 from tests.support import metric_value
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -41,18 +34,11 @@ def server_process(command: list[str], port: int) -> Iterator[subprocess.Popen[s
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
-            for _ in range(600):
-                if process.poll() is not None:
-                    raise AssertionError(f"server exited early:\n{process.stdout.read()}")
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise AssertionError("server never became ready")
+        try:
+            wait_ready(process, port, 60, "its output follows")
+        except RuntimeError as exc:
+            process.kill()
+            raise AssertionError(f"{exc}:\n{process.communicate()[0]}") from exc
         yield process
     finally:
         if process.poll() is None:
