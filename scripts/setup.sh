@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with the extras it needs; re-runs only when
-# pyproject.toml changed. Usage: scripts/setup.sh [EXTRAS]   (default: cpu,export,dev,bench)
+# Create .venv and install the project with the extras it needs, at the versions pinned in
+# constraints.txt; re-runs only when pyproject.toml or constraints.txt changed.
+# Usage: scripts/setup.sh [EXTRAS]   (default: cpu,export,dev,bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-cpu,export,dev,bench}"
@@ -12,12 +13,12 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${extras//,/-}"
+stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-${extras//,/-}"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  # torch/torchvision are pinned in pyproject.toml; pip takes them from its configured
-  # find-links/index (a local wheel where the machine has one).
-  .venv/bin/python -m pip install --quiet -e ".[${extras}]"
+  # Every version comes from constraints.txt (scripts/lock.sh writes it); pip takes the
+  # wheels from its configured find-links/index (a local wheel where the machine has one).
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[${extras}]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
