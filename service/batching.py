@@ -182,6 +182,7 @@ class DynamicBatcher(Generic[T, R]):
     def _unreserve(self, count: int) -> None:
         self._state.reserved -= count
         self._observer.queue_depth(self.depth)
+        self._wakeup.set()  # a close() may be waiting for the last reservation to go
 
     def _enqueue(self, item: T, deadline: float | None) -> asyncio.Future[Completed[R]]:
         future: asyncio.Future[Completed[R]] = asyncio.get_running_loop().create_future()

@@ -665,6 +665,26 @@ def test_a_submit_after_close_gave_up_fails_with_draining(
     asyncio.run(scenario())
 
 
+def test_a_reservation_released_while_closing_lets_close_finish_at_once(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    """A request that fails while decoding gives its slots back during a drain: close()
+    must notice then, not sit out its whole timeout (it used to: nothing woke the loop)."""
+
+    async def scenario() -> None:
+        batcher = make_batcher(engine, executor, clock)
+        batcher.start()
+        slots = batcher.reserve(1)
+        closing = asyncio.create_task(batcher.close(60.0))
+        await settle()
+        assert not closing.done()  # it waits: the reservation may yet be submitted
+        slots.release()
+        await bounded(closing)  # WAIT_S bound; a stalled close would take 60 s
+        assert batcher.depth == 0
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------- refilling after a batch
 
 
