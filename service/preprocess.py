@@ -5,19 +5,24 @@ count is checked from the header before anything is decoded, JPEGs decode at a r
 DCT scale when that still leaves enough pixels (`Image.draft`), and the resize samples
 only the region that survives the centre crop, straight into the output size.
 Pillow releases the GIL while it decodes and resamples, so this runs well in threads.
+
+Memory is bounded too: the pixels being decoded at once, across threads, are capped by a
+shared `PixelBudget`, and deep (16-bit, float) images are brought to 8 bits a block of rows
+at a time rather than through a whole-image float64 copy.
 """
 
 from __future__ import annotations
 
+import functools
 import io
-import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, InvalidImage
+from service.limits import PixelBudget
 from service.model_package import Interpolation, PreprocessSpec
 
 _RESAMPLE = {
@@ -41,7 +46,20 @@ _EXIF_ORIENTATION_TAG = 0x0112
 
 # Formats a client may send. Anything else Pillow can open (EPS, PSD, ...) is refused:
 # each extra decoder is attack surface and none of them is a photo format.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+WANTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+
+
+@functools.cache
+def accepted_formats() -> tuple[str, ...]:
+    """The wanted formats this Pillow build can open: asking `Image.open` for one whose
+    plugin is absent (AVIF before Pillow 11.2, or a build without libavif) raises KeyError
+    for any unrecognised bytes instead of a clean "not an image"."""
+    Image.init()
+    return tuple(name for name in WANTED_FORMATS if name in Image.OPEN)
+
+
+# Rows converted per step when bringing a deep image to 8 bits: bounds the temporary copy.
+_ROWS_PER_BLOCK = 256
 
 # Resample in two steps (integer box reduce, then the filter) once the image is this many
 # times larger than the target: far faster on huge PNGs, indistinguishable in practice.
@@ -75,34 +93,56 @@ _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
-    values = np.asarray(image, dtype=np.float64)
+    """Scale 16-bit or float samples to 0..255, a block of rows at a time in float32: the
+    only full-size copies are the samples (2-4 bytes a pixel) and the 8-bit result."""
+    values = np.asarray(image)
     if image.mode == "F":  # floats: 0..1 or 0..255
-        full_scale = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        full_scale = 1.0 if float(values.max(initial=0.0)) <= 1.0 else 255.0
     else:  # 16-bit samples (mode I holds them too, once loaded from a 16-bit file)
         full_scale = 65535.0
-    scaled = np.clip(values / full_scale, 0.0, 1.0) * 255.0
-    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+    out = np.empty(values.shape, dtype=np.uint8)
+    factor = np.float32(255.0 / full_scale)
+    for start in range(0, values.shape[0], _ROWS_PER_BLOCK):
+        block = values[start : start + _ROWS_PER_BLOCK].astype(np.float32)
+        block *= factor
+        np.clip(block, 0.0, 255.0, out=block)
+        np.rint(block, out=block)
+        out[start : start + _ROWS_PER_BLOCK] = block
+    return Image.fromarray(out, "L")
+
+
+def disable_pillow_bomb_check() -> None:
+    """Our own pixel limit (per image, from the header) is the one that applies. Pillow's
+    would warn between 1x and 2x its default, and silencing that per call needs
+    `warnings.catch_warnings`, which is not thread-safe; so it is switched off once."""
+    Image.MAX_IMAGE_PIXELS = None
 
 
 class ImagePreprocessor:
     """Turns one encoded image into a `(crop, crop, 3)` uint8 array, or raises a 4xx error."""
 
-    def __init__(self, spec: PreprocessSpec, max_pixels: int) -> None:
+    def __init__(
+        self, spec: PreprocessSpec, max_pixels: int, budget: PixelBudget | None = None
+    ) -> None:
         if spec.resize < spec.crop:
             raise ValueError(f"resize ({spec.resize}) must be at least crop ({spec.crop})")
         self.spec = spec
         self.max_pixels = max_pixels
+        self.budget = budget
         self._resample = _RESAMPLE[spec.interpolation]
+        disable_pillow_bomb_check()
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
         return (self.spec.crop, self.spec.crop, 3)
 
-    def check(self, data: bytes) -> None:
+    def check(self, data: bytes) -> int:
         """Read only the header: raise the error a full decode would raise for a bad
-        format or too many pixels. Cheap enough to run on the event loop."""
+        format or too many pixels, else return the pixel count. Cheap enough to run on
+        the event loop."""
         with _decode_errors():
-            self._open(data)
+            width, height = self._open(data).size
+            return width * height
 
     def __call__(self, data: bytes) -> np.ndarray:
         with _decode_errors():
@@ -111,11 +151,7 @@ class ImagePreprocessor:
     def _open(self, data: bytes) -> Image.Image:
         if not data:
             raise InvalidImage("the image is empty")
-        with warnings.catch_warnings():
-            # Pillow warns (rather than raises) between 1x and 2x its own pixel limit;
-            # our own limit below is the one that applies.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        image: Image.Image = Image.open(io.BytesIO(data), formats=accepted_formats())
         width, height = image.size
         if width * height > self.max_pixels:
             raise ImageTooLarge(
@@ -131,11 +167,17 @@ class ImagePreprocessor:
         if image.format == "JPEG":
             # Decode at 1/2, 1/4 or 1/8 scale while both sides stay >= the resize target.
             image.draft("RGB", (self.spec.resize, self.spec.resize))
+        width, height = image.size  # as it will be decoded (after any draft reduction)
+        budget = self.budget.hold(width * height) if self.budget else nullcontext()
+        with budget:
+            return self._to_input(image)
+
+    def _to_input(self, image: Image.Image) -> np.ndarray:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
         transpose = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
         if image.mode in _HIGH_DEPTH_MODES:
             image = _to_8_bit(image)
-        if image.mode != "RGB":
+        if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         if transpose is not None:
             image = image.transpose(transpose)
@@ -146,7 +188,9 @@ class ImagePreprocessor:
             box=crop_box(width, height, self.spec),
             reducing_gap=_REDUCING_GAP,
         )
-        return np.asarray(resized, dtype=np.uint8)
+        # Grey is resized before it is copied to three channels: the same pixels, a third
+        # of the memory and time on a large image.
+        return np.asarray(resized.convert("RGB"), dtype=np.uint8)
 
 
 @contextmanager
@@ -160,7 +204,7 @@ def _decode_errors() -> Iterator[None]:
         raise ImageTooLarge(f"the image has too many pixels ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise InvalidImage(
-            f"the data is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})"
+            f"the data is not an image in a supported format ({', '.join(accepted_formats())})"
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
         # Truncated or corrupt streams surface as any of these from Pillow's decoders.
