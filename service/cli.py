@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -20,9 +21,12 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
-from service.config import ENV_PREFIX, Settings
+from service.config import ENV_ONLY, ENV_PREFIX, Settings
+from service.logs import configure_logging
 from service.model_package import ModelPackage, PackageError
+from service.protocol import with_header_timeout
 from service.runtime import Runtime, State
+from service.security import KeyFileError
 
 log = logging.getLogger("resnet_serve")
 EXIT_BAD_CONFIG = 2
@@ -33,9 +37,11 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, except that SIGTERM (or Ctrl-C) first drains.
 
     On the first signal readiness turns 503 and new requests get 503 `draining`, while
-    every request already accepted runs to its answer (bounded by `shutdown_grace_s`);
-    then uvicorn closes the listener and exits. A second signal skips the wait, a third
-    forces the exit.
+    every request already accepted runs to its answer; then uvicorn closes the listener
+    and exits. The whole of it (the wait, uvicorn's own graceful shutdown, the batcher's
+    close) keeps one deadline, `shutdown_grace_s` after the signal, so a pod's
+    `terminationGracePeriodSeconds` of grace + preStop sleep + a few seconds always
+    suffices. A second signal skips the wait, a third forces the exit.
     """
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime, grace_s: float) -> None:
@@ -69,9 +75,9 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         runtime = self.runtime
-        runtime.begin_drain()
+        runtime.begin_drain(self.grace_s)
         pending = runtime.in_progress
-        finished = await runtime.wait_idle(self.grace_s)
+        finished = await runtime.wait_idle(runtime.drain_time_left(self.grace_s))
         if finished:
             log.info("drained: the %d request(s) in progress at SIGTERM were answered", pending)
         else:
@@ -80,6 +86,9 @@ class DrainingServer(uvicorn.Server):
                 self.grace_s,
                 runtime.in_progress,
             )
+        # uvicorn reads this when it shuts down: what is left of the one deadline (whole
+        # seconds, as uvicorn takes them; the formula's few seconds of slack cover it).
+        self.config.timeout_graceful_shutdown = math.ceil(runtime.drain_time_left(self.grace_s))
         self.should_exit = True
 
     async def _exit_if_load_fails(self) -> None:
@@ -121,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     for name, field in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
         flag = "--" + name.replace("_", "-")
         kind, extra = _flag_type(field.annotation)
         env = ENV_PREFIX + name.upper()
@@ -143,26 +154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"resnet-serve: error: invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         ModelPackage.load(settings.model_dir)  # fail fast, before binding the port
-    except PackageError as exc:
+        app = create_app(settings)
+    except (PackageError, KeyFileError) as exc:
         print(f"resnet-serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="auto",
-        http="auto",
+        http=with_header_timeout(settings.header_timeout_s),
         log_config=None,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         timeout_keep_alive=settings.keepalive_timeout_s,
         server_header=False,
     )

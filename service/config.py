@@ -7,13 +7,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.model_package import Precision
 
 ENV_PREFIX = "RESNET_SERVE_"
 AUTO_PROVIDERS = "auto"
+# Settings read from the environment only, never from a flag: a command line is visible to
+# every user of the host (ps, /proc/*/cmdline) and is printed by --help.
+ENV_ONLY = frozenset({"api_keys"})
 
 
 def _default_decode_workers() -> int:
@@ -90,16 +93,63 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(32, ge=1, description="images in one request, at most")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit")
+    max_buffered_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="request-body bytes held by all requests in progress together (from the "
+        "first byte read to the response); a request that would exceed it gets 429 before "
+        "its body is read",
+    )
     max_image_pixels: int = Field(
-        50_000_000, ge=1, description="width x height limit, checked before decoding"
+        50_000_000, ge=1, description="width x height limit per image, checked before decoding"
+    )
+    max_request_pixels: int = Field(
+        400_000_000,
+        ge=1,
+        description="pixels of all the images of one request together, checked from their "
+        "headers before decoding; beyond it: 413",
+    )
+    max_decoding_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="pixels being decoded at once across all decode threads; further "
+        "decodes wait their turn (bounds decoding memory at roughly 6 bytes a pixel)",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="time to receive a request body; beyond it: 408"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="time for a client to send a request's headers once it has connected "
+        "or begun a request; a connection that takes longer is closed (slowloris)",
     )
     default_top_k: int = Field(5, ge=1, description="top_k when the request gives none")
+
+    # --- access
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="accepted API keys, comma separated: environment only, never a flag",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="a file of accepted API keys, one per line (a mounted Secret); re-read "
+        "when it changes, so a rotated key takes effect without a restart. With neither "
+        "this nor RESNET_SERVE_API_KEYS, no key is needed",
+    )
+    api_key_for_probes: bool = Field(
+        False, description="require the API key on /healthz and /readyz too"
+    )
+    api_key_for_metrics: bool = Field(False, description="require the API key on /metrics too")
 
     # --- server
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     shutdown_grace_s: float = Field(
-        30.0, ge=0, description="on SIGTERM, how long to finish accepted requests"
+        30.0,
+        ge=0,
+        description="on SIGTERM, how long to finish accepted requests: one deadline for the "
+        "whole shutdown (set terminationGracePeriodSeconds to this + the preStop sleep + 5)",
     )
     keepalive_timeout_s: int = Field(
         75,
@@ -108,11 +158,23 @@ class Settings(BaseSettings):
         "idle timeout of any load balancer in front, so the server never closes first",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: one JSON object a line, with the request id on every line logged "
+        "while serving a request",
+    )
     access_log: bool = Field(False, description="log every request (costs throughput)")
 
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -133,5 +195,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"warmup_batch_sizes {too_big} must lie between 1 and max_batch_size "
                 f"({self.max_batch_size})"
+            )
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes})"
             )
         return self

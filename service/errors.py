@@ -52,6 +52,25 @@ class ImageTooLarge(ServiceError):
     message = "the image has too many pixels"
 
 
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+    message = "a valid API key is required: send 'Authorization: Bearer <key>'"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+    code = "request_timeout"
+    message = "the request body was not received in time"
+
+    def __init__(self, message: str | None = None) -> None:
+        # The rest of the body may still be on its way: the connection cannot be reused.
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class UnsupportedMediaType(ServiceError):
     status = 415
     code = "unsupported_media_type"
@@ -68,6 +87,17 @@ class QueueFull(ServiceError):
     status = 429
     code = "queue_full"
     message = "the server is at capacity; retry later"
+
+
+class TooBusy(ServiceError):
+    """Too many request bodies are held in memory already: refused before reading this one."""
+
+    status = 429
+    code = "too_busy"
+    message = "the server holds too much request data already; retry later"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1", "Connection": "close"})
 
 
 class ClientClosedRequest(ServiceError):

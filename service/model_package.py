@@ -7,6 +7,7 @@ exactly what the service reads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from enum import StrEnum
 from pathlib import Path
@@ -144,7 +145,7 @@ class ModelPackage:
         if not manifest_path.is_file():
             raise PackageError(
                 f"{directory} is not a model package: {MANIFEST_FILE} is missing "
-                "(create one with `resnet-export --out {directory}`)"
+                f"(create one with `resnet-export --out {directory}`)"
             )
         try:
             manifest = Manifest.model_validate_json(manifest_path.read_bytes())
@@ -168,6 +169,25 @@ class ModelPackage:
             if not (directory / variant.file).is_file():
                 raise PackageError(f"variant {precision} names {variant.file}, which is missing")
         return cls(directory, manifest, [str(label) for label in labels])
+
+    def verify(self, precision: Precision) -> None:
+        """Check the variant's graph against the size and SHA-256 its manifest records, so
+        a truncated copy or a file swapped behind the manifest's back is never served."""
+        variant = self.manifest.variants[precision]
+        path = self.directory / variant.file
+        size = path.stat().st_size
+        if size != variant.bytes:
+            raise PackageError(
+                f"{variant.file} is {size} bytes; the manifest says {variant.bytes} "
+                "(a truncated or replaced file)"
+            )
+        with path.open("rb") as graph:
+            digest = hashlib.file_digest(graph, "sha256").hexdigest()
+        if digest != variant.sha256:
+            raise PackageError(
+                f"{variant.file} has SHA-256 {digest}; the manifest says {variant.sha256} "
+                "(a corrupt or replaced file)"
+            )
 
     def variant_path(self, precision: Precision) -> Path | None:
         variant = self.manifest.variants.get(precision)

@@ -6,8 +6,9 @@ Three ways to send images, all to the same endpoints:
   (other form fields, like `top_k`, are parameters);
 - JSON: `{"images": ["<base64>", ...], "top_k": 3}`.
 
-The body is read with its size capped, and multipart is parsed in memory: bodies are
-bounded, and spooling uploads to temporary files would only cost time.
+The body is read with its size capped and its bytes counted against a shared budget
+(`Lease`), and multipart is parsed in memory: bodies are bounded, and spooling uploads to
+temporary files would only cost time.
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ from dataclasses import dataclass, field
 import orjson
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from service.errors import (
     BadRequest,
+    ClientClosedRequest,
     InvalidImage,
     InvalidParameter,
     PayloadTooLarge,
+    TooBusy,
     TooManyImages,
     UnsupportedMediaType,
 )
+from service.limits import Lease
+from service.params import clipped, shown
 
 RAW_IMAGE_TYPES = frozenset(
     {
@@ -55,9 +61,11 @@ class Payload:
 
 
 async def read_body(
-    stream: AsyncIterator[bytes], content_length: str | None, max_bytes: int
+    stream: AsyncIterator[bytes], content_length: str | None, max_bytes: int, lease: Lease
 ) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed `max_bytes`."""
+    """The whole body, refusing as soon as it is known to exceed `max_bytes` (413) or the
+    budget shared by all requests in progress (429: before any of it is read when the
+    length is declared). A client that disconnects midway is a 499, not a fault."""
     if content_length is not None:
         try:
             declared = int(content_length)
@@ -65,14 +73,25 @@ async def read_body(
             raise BadRequest("the Content-Length header is not a number") from exc
         if declared > max_bytes:
             raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_bytes}")
+        if not lease.grow_to(declared):
+            raise _too_busy()
     chunks: list[bytes] = []
     size = 0
-    async for chunk in stream:
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes")
+            if not lease.grow_to(size):
+                raise _too_busy()
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise ClientClosedRequest() from exc
     return b"".join(chunks)
+
+
+def _too_busy() -> TooBusy:
+    return TooBusy("requests in progress hold as much request data as the server allows; retry")
 
 
 def media_type(content_type: str | None) -> str:
@@ -94,7 +113,7 @@ def parse_payload(content_type: str | None, body: bytes, max_images: int) -> Pay
         payload = _parse_json(body, max_images)
     else:
         raise UnsupportedMediaType(
-            f"unsupported Content-Type {kind!r}; send an image type (image/jpeg, image/png, "
+            f"unsupported Content-Type {shown(kind)}; send an image type (image/jpeg, image/png, "
             "image/webp, ...), multipart/form-data or application/json"
         )
     if not payload.images:
@@ -110,7 +129,7 @@ def _parse_json(body: bytes, max_images: int) -> Payload:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+        raise BadRequest(f"the body is not valid JSON: {clipped(exc)}") from exc
     if not isinstance(document, dict):
         raise InvalidParameter('the JSON body must be an object: {"images": ["<base64>", ...]}')
     images = document.pop("images", None)
@@ -125,7 +144,7 @@ def _parse_json(body: bytes, max_images: int) -> Payload:
         try:
             decoded.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError) as exc:
-            raise InvalidImage(f"images[{index}] is not valid base64: {exc}") from exc
+            raise InvalidImage(f"images[{index}] is not valid base64: {clipped(exc)}") from exc
     return Payload(decoded, document)
 
 
@@ -165,7 +184,7 @@ class _MultipartCollector:
         if name == FILES_FIELD or b"filename" in options:
             if name != FILES_FIELD:
                 raise InvalidParameter(
-                    f"multipart file field {name!r} is not recognised; name it {FILES_FIELD!r}"
+                    f"multipart file field {shown(name)} is not recognised; name it {FILES_FIELD!r}"
                 )
             self.files.append(bytes(self._data))
             if len(self.files) > self._max_files:
@@ -173,7 +192,9 @@ class _MultipartCollector:
         elif len(self._data) <= _MAX_FIELD_BYTES:
             self.fields[name] = self._data.decode("utf-8", "replace")
         else:
-            raise InvalidParameter(f"form field {name!r} is longer than {_MAX_FIELD_BYTES} bytes")
+            raise InvalidParameter(
+                f"form field {shown(name)} is longer than {_MAX_FIELD_BYTES} bytes"
+            )
 
 
 def _parse_multipart(content_type: str, body: bytes, max_images: int) -> Payload:
@@ -197,5 +218,5 @@ def _parse_multipart(content_type: str, body: bytes, max_images: int) -> Payload
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
-        raise BadRequest(f"malformed multipart body: {exc}") from exc
+        raise BadRequest(f"malformed multipart body: {clipped(exc)}") from exc
     return Payload(collector.files, collector.fields)

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from service.errors import ImageTooLarge, InvalidImage
 from service.limits import PixelBudget
 from service.model_package import Interpolation, PreprocessSpec
+from service.params import clipped
 
 _RESAMPLE = {
     Interpolation.NEAREST: Image.Resampling.NEAREST,
@@ -201,11 +202,11 @@ def _decode_errors() -> Iterator[None]:
     except (ImageTooLarge, InvalidImage):
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"the image has too many pixels ({exc})") from exc
+        raise ImageTooLarge(f"the image has too many pixels ({clipped(exc)})") from exc
     except UnidentifiedImageError as exc:
         raise InvalidImage(
             f"the data is not an image in a supported format ({', '.join(accepted_formats())})"
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
         # Truncated or corrupt streams surface as any of these from Pillow's decoders.
-        raise InvalidImage(f"the image could not be decoded: {exc}") from exc
+        raise InvalidImage(f"the image could not be decoded: {clipped(exc)}") from exc

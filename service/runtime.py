@@ -32,7 +32,15 @@ from service.engine import (
     default_warmup_sizes,
     resolve_providers,
 )
-from service.errors import DeadlineExceeded, Draining, NotReady, ServiceError
+from service.errors import (
+    DeadlineExceeded,
+    Draining,
+    ImageTooLarge,
+    NotReady,
+    QueueFull,
+    ServiceError,
+)
+from service.limits import PixelBudget
 from service.metrics import ServiceMetrics
 from service.model_package import ModelPackage, Precision
 from service.preprocess import ImagePreprocessor
@@ -133,6 +141,8 @@ class Runtime:
         self._idle = asyncio.Event()
         self._idle.set()
         self._settled = asyncio.Event()  # set once loading has succeeded or failed
+        self._drain_deadline: float | None = None
+        self.pixel_budget = PixelBudget(settings.max_decoding_pixels)
         metrics.queue_capacity.set(settings.max_queue_size)
 
     # ------------------------------------------------------------ lifecycle
@@ -153,7 +163,7 @@ class Runtime:
             await asyncio.to_thread(self._load_blocking)
         except Exception as exc:
             self.state = State.FAILED
-            self.failure = f"{type(exc).__name__}: {exc}"
+            self.failure = f"{type(exc).__name__}: {exc}"  # for the log only, never clients
             log.error("model failed to load: %s", self.failure)
             return
         assert self._engine is not None
@@ -180,6 +190,7 @@ class Runtime:
         manifest = package.manifest
         self.package = package
         engine, precision, warnings = self._engine_factory(self.settings, package)
+        package.verify(precision)  # the graph is the one the manifest's SHA-256 names
         self.served = Served(precision, list(engine.providers), engine.device, warnings)
         for warning in warnings:
             log.warning(warning)
@@ -193,7 +204,7 @@ class Runtime:
         overlap = self.settings.overlap_decode
         self.decode_in_batch = not (overlap if overlap is not None else engine.device != "cpu")
         self._preprocessor = ImagePreprocessor(
-            manifest.preprocessing, self.settings.max_image_pixels
+            manifest.preprocessing, self.settings.max_image_pixels, self.pixel_budget
         )
         sizes = self.settings.warmup_batch_sizes or default_warmup_sizes(
             self.settings.max_batch_size, engine.device
@@ -224,11 +235,20 @@ class Runtime:
             time.perf_counter() - warm_started,
         )
 
-    def begin_drain(self) -> None:
-        """Readiness goes 503 and new requests are refused; accepted ones carry on."""
+    def begin_drain(self, grace_s: float | None = None) -> None:
+        """Readiness goes 503 and new requests are refused; accepted ones carry on. The
+        first call with `grace_s` fixes the one deadline the whole shutdown keeps."""
         if self.state is not State.FAILED:
             self.state = State.DRAINING
         self.metrics.ready.set(0)
+        if grace_s is not None and self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + grace_s
+
+    def drain_time_left(self, default_s: float) -> float:
+        """Seconds left until the drain deadline (`default_s` if no drain has begun)."""
+        if self._drain_deadline is None:
+            return default_s
+        return max(0.0, self._drain_deadline - time.monotonic())
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until every accepted request is answered; False if `timeout_s` ran out."""
@@ -256,12 +276,19 @@ class Runtime:
     # ------------------------------------------------------------ requests
 
     def admit(self) -> None:
-        """Refuse new work unless ready (503 `not_ready` / `draining`)."""
+        """Refuse new work unless ready (503 `not_ready` / `draining`) with room in the
+        queue (429): checked before a request's body is read, so a refusal costs nothing."""
         if self.state is State.DRAINING:
             raise Draining()
         if self.state is not State.READY:
             raise NotReady(
                 "the model failed to load" if self.state is State.FAILED else NotReady.message
+            )
+        batcher = self._batcher
+        if batcher is not None and batcher.depth >= batcher.max_queue_size:
+            raise QueueFull(
+                f"the queue holds {batcher.depth} of {batcher.max_queue_size} images; retry later",
+                headers={"Retry-After": "1"},
             )
 
     async def infer(self, images: list[bytes], timeout_s: float) -> list[ImageResult]:
@@ -281,7 +308,9 @@ class Runtime:
                 with self._batcher.reserve(len(images)) as slots:
                     prepared = await self._prepare(images)
                     futures = [slots.submit(item, deadline) for item, _ in prepared]
-                completed = await asyncio.gather(*futures)
+                completed = await asyncio.gather(
+                    *(_indexed(index, future) for index, future in enumerate(futures))
+                )
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 f"the request did not complete within {timeout_s * 1000:.0f} ms"
@@ -310,14 +339,21 @@ class Runtime:
         ]
 
     async def _prepare(self, images: list[bytes]) -> list[tuple[Pending, float]]:
-        """What to queue for each image, with the seconds spent decoding it here: its
-        bytes, checked from the header only, when decoding happens in the batch;
-        otherwise its pixels, decoded now on the decode pool."""
+        """What to queue for each image, with the seconds spent decoding it here. Every
+        header is checked first (format, pixels per image and per request); then, when
+        decoding happens in the batch, the bytes are queued, else the pixels are decoded
+        now on the decode pool."""
         assert self._preprocessor is not None
+        total = 0
+        for index, data in enumerate(images):
+            with _image_index(index):
+                total += self._preprocessor.check(data)
+        limit = self.settings.max_request_pixels
+        if total > limit:
+            raise ImageTooLarge(
+                f"the request's images hold {total} pixels in all; the limit is {limit}"
+            )
         if self.decode_in_batch:
-            for index, data in enumerate(images):
-                with _image_index(index):
-                    self._preprocessor.check(data)
             return [(data, 0.0) for data in images]
         loop = asyncio.get_running_loop()
 
@@ -369,13 +405,24 @@ class Runtime:
         return outputs
 
 
+async def _indexed(
+    index: int, future: asyncio.Future[Completed[ImageOutput]]
+) -> Completed[ImageOutput]:
+    """Await one image's result, tagging a client error with the image it concerns (an
+    image that fails to decode inside a batch fails through its future)."""
+    with _image_index(index):
+        return await future
+
+
 @contextmanager
 def _image_index(index: int) -> Iterator[None]:
-    """Tag a client error with the index of the request's image that caused it."""
+    """Tag a client error with the index of the request's image that caused it. Server
+    errors are left alone: one instance may fail a whole batch, several requests' images."""
     try:
         yield
     except ServiceError as error:
-        error.index = index
+        if error.status < 500 and error.index is None:
+            error.index = index
         raise
 
 
@@ -387,6 +434,9 @@ def error_reason(error: ServiceError) -> str:
         "not_ready": "not_ready",
         "deadline_exceeded": "deadline",
         "client_closed_request": "client_disconnected",
+        "too_busy": "too_busy",
+        "request_timeout": "body_timeout",
+        "unauthorized": "unauthorized",
         "inference_failed": "internal",
         "internal_error": "internal",
     }.get(error.code, "bad_input")

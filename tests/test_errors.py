@@ -296,15 +296,27 @@ def test_not_ready_while_loading_then_ready(
         assert http.post("/predict", content=png(), headers=PNG).status_code == 200
 
 
-def test_load_failure_is_reported(tmp_path: Path) -> None:
-    app = create_app(Settings(model_dir=tmp_path / "missing"))
+def test_load_failure_is_reported_to_the_log_not_to_clients(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients learn that loading failed; the path and the exception text go to the log."""
+    missing = tmp_path / "missing"
+    app = create_app(Settings(model_dir=missing))
     with running_server(app) as url, httpx.Client(base_url=url) as http:
         health = http.get("/healthz")
         assert_error(health, 503, "not_ready")
-        assert "manifest.json is missing" in health.json()["error"]["message"]
+        assert "failed to load" in health.json()["error"]["message"]
         assert_error(http.get("/readyz"), 503, "not_ready")
         assert_error(http.post("/predict", content=png(), headers=PNG), 503, "not_ready")
-        assert http.get("/info").json()["state"] == "failed"
+        info = http.get("/info")
+        assert info.json()["state"] == "failed"
+        for response in (health, http.get("/readyz"), info):
+            assert str(tmp_path) not in response.text
+            assert "PackageError" not in response.text
+    assert any(
+        "manifest.json is missing" in record.getMessage() and str(missing) in record.getMessage()
+        for record in caplog.records
+    )
 
 
 def test_draining_refuses_new_work_with_503(
