@@ -35,14 +35,21 @@ class _ThreadServer(uvicorn.Server):
 
 @contextmanager
 def running_server(
-    app: FastAPI, timeout_s: float = 60.0, wait_loaded: bool = True
+    app: FastAPI, timeout_s: float = 60.0, wait_loaded: bool = True, **options: Any
 ) -> Iterator[str]:
     """Serve `app` with uvicorn on an ephemeral 127.0.0.1 port; yields the base URL.
 
-    With `wait_loaded`, returns once the model has loaded (or failed to).
+    With `wait_loaded`, returns once the model has loaded (or failed to). `options` go to
+    `uvicorn.Config` (e.g. `http=` for the service's own protocol class).
     """
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", log_config=None
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="on",
+        log_config=None,
+        **options,
     )
     server = _ThreadServer(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
