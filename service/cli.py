@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
+        # No prefixes: `--api-keys KEY` must fail, not quietly mean `--api-keys-file KEY`.
+        allow_abbrev=False,
     )
     for name, field in Settings.model_fields.items():
         if name in ENV_ONLY:
