@@ -106,6 +106,7 @@ def load_onnx_engine(
 ) -> tuple[Engine, Precision, list[str]]:
     providers = resolve_providers(settings.providers)
     precision, path, warnings = choose_variant(package, settings.precision, providers)
+    package.verify(precision)  # the graph is the one the manifest's SHA-256 names
     options = EngineOptions(
         providers=providers,
         device_id=settings.device_id,
@@ -190,7 +191,6 @@ class Runtime:
         manifest = package.manifest
         self.package = package
         engine, precision, warnings = self._engine_factory(self.settings, package)
-        package.verify(precision)  # the graph is the one the manifest's SHA-256 names
         self.served = Served(precision, list(engine.providers), engine.device, warnings)
         for warning in warnings:
             log.warning(warning)
