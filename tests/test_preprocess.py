@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from PIL import Image, ImageFile, JpegImagePlugin
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from service import preprocess as preprocess_module
 from service.errors import ImageTooLarge, InvalidImage
 from service.model_package import Interpolation, PreprocessSpec
 from service.preprocess import ImagePreprocessor, crop_box
@@ -449,3 +451,50 @@ def test_jpeg_over_the_limit_is_refused(photo_jpegs: dict[str, bytes]) -> None:
         pixels = image.width * image.height
     with pytest.raises(ImageTooLarge):
         ImagePreprocessor(DEFAULT_SPEC, pixels - 1)(data)
+
+
+def test_formats_missing_from_this_pillow_build_are_not_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Asking Pillow for a format whose plugin is absent (AVIF before Pillow 11.2, or a
+    build without libavif) made it raise KeyError on unrecognised bytes: a 500."""
+    without_avif = {name: value for name, value in Image.OPEN.items() if name != "AVIF"}
+    monkeypatch.setattr(Image, "OPEN", without_avif)
+    monkeypatch.setattr(Image, "init", lambda: True)
+    preprocess_module.accepted_formats.cache_clear()
+    try:
+        preprocessor = ImagePreprocessor(PreprocessSpec(), max_pixels=50_000_000)
+        with pytest.raises(InvalidImage) as error:
+            preprocessor(b"these bytes are no image in any format")
+        assert "AVIF" not in error.value.message
+    finally:
+        preprocess_module.accepted_formats.cache_clear()
+
+
+def test_decoding_never_touches_the_process_wide_warning_filters(
+    monkeypatch: pytest.MonkeyPatch, photo_images: dict[str, Image.Image]
+) -> None:
+    """`warnings.catch_warnings` is not thread-safe and decoding runs on many threads:
+    Pillow's own limit is set once instead, and a header between 1x and 2x Pillow's
+    default limit (which would warn) passes our larger limit silently."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("catch_warnings used while decoding")
+
+    data = png(photo_images["chelsea.png"])
+    with monkeypatch.context() as patched:  # only around our calls: pytest uses it too
+        patched.setattr(warnings, "catch_warnings", forbidden)
+        preprocessor = ImagePreprocessor(PreprocessSpec(), max_pixels=200_000_000)
+        assert preprocessor.check(png_claiming(12_000, 10_000)) == 120_000_000
+        assert preprocessor(data).shape == (224, 224, 3)
+
+
+def test_deep_images_are_scaled_exactly_to_8_bits() -> None:
+    samples = np.array([[0, 257, 32767, 32896, 65535, 1000]], dtype=np.uint16)
+    expected = np.rint(samples.astype(np.float64) / 65535 * 255).astype(np.uint8)
+    converted = preprocess_module._to_8_bit(Image.fromarray(samples))
+    assert converted.mode == "L"
+    np.testing.assert_array_equal(np.asarray(converted), expected)
+    floats = np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32)
+    as_bytes = np.asarray(preprocess_module._to_8_bit(Image.fromarray(floats, "F")))
+    np.testing.assert_array_equal(as_bytes, [[0, 64, 128, 255]])
