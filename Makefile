@@ -1,5 +1,5 @@
 # Each target sets up what it needs (a .venv with the right extras) first.
-.PHONY: install serve test lint bench export clean
+.PHONY: install serve test lint bench overload export clean
 
 install:
 	scripts/setup.sh
@@ -16,6 +16,10 @@ lint:
 bench:
 	scripts/setup.sh
 	.venv/bin/python -m loadtests $(BENCH_ARGS)
+
+overload:
+	scripts/setup.sh
+	.venv/bin/python -m loadtests.overload $(OVERLOAD_ARGS)
 
 clean:
 	rm -rf .venv models loadtests/results .pytest_cache .ruff_cache .mypy_cache

@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             inproc = InProcess(args.model_dir, Precision(precision), settings)
             log = args.out / f"server-{precision}.log"
             try:
-                with running_server(args.model_dir, precision, server_args, log) as (host, port):
+                with running_server(args.model_dir, precision, server_args, log) as (host, port, _):
                     with_large = large if precision == "int8" else None
                     served = asyncio.run(
                         measure_server(host, port, args, small, with_large, inproc)

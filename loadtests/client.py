@@ -107,6 +107,7 @@ class LoadResult:
     images_per_request: int
     latencies_s: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
+    latencies_by_status_s: dict[int, list[float]] = field(default_factory=dict)
     errors: int = 0
     client_cpu_s: float = 0.0
 
@@ -237,7 +238,9 @@ async def open_loop(
                 connection.transport.close()
             return
         result.statuses[status] = result.statuses.get(status, 0) + 1
-        result.latencies_s.append(loop.time() - scheduled)
+        latency = loop.time() - scheduled
+        result.latencies_s.append(latency)
+        result.latencies_by_status_s.setdefault(status, []).append(latency)
         if not connection.closed:
             idle.append(connection)
 

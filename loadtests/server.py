@@ -42,7 +42,8 @@ def wait_ready(process: subprocess.Popen[Any], port: int, timeout_s: float, hint
 @contextmanager
 def running_server(
     model_dir: Path, precision: str, extra_args: list[str], log_path: Path, timeout_s: float = 120
-) -> Iterator[tuple[str, int]]:
+) -> Iterator[tuple[str, int, int]]:
+    """Start the server; yields (host, port, pid) once it is ready, stops it on exit."""
     port = free_port()
     command = [
         sys.executable, "-m", "service.cli",
@@ -58,7 +59,7 @@ def running_server(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         try:
             wait_ready(process, port, timeout_s, f"see {log_path}")
-            yield "127.0.0.1", port
+            yield "127.0.0.1", port, process.pid
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
