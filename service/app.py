@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
-from service import postprocess
+from service import postprocess, tracing
 from service.config import Settings
 from service.errors import (
     ClientClosedRequest,
@@ -28,7 +28,7 @@ from service.errors import (
     NotReady,
     ServiceError,
 )
-from service.metrics import CONTENT_TYPE, ServiceMetrics
+from service.metrics import ServiceMetrics
 from service.payloads import parse_payload, read_body
 from service.runtime import (
     EngineFactory,
@@ -168,6 +168,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.tracing = tracing.instrument(app, service_version())  # None when tracing is off
     allowed_fields = {"top_k", "normalize", "encoding"}
 
     def model_ref() -> dict[str, Any]:
@@ -202,6 +203,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
             params = {**dict(request.query_params), **payload.fields}
             timeout_s = settings.request_timeout_ms / 1000
             results = await until_disconnected(request, runtime.infer(payload.images, timeout_s))
+            if app.state.tracing is not None:  # child spans: decode, queue_wait, inference
+                app.state.tracing.record_stages(results, runtime.decode_in_batch)
             response = render(results, params)
             response.headers["Server-Timing"] = _server_timing(
                 results, time.perf_counter() - started
@@ -307,9 +310,12 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
     async def info() -> Response:
         return json_response(describe(runtime, settings))
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    if settings.metrics_port is None:  # else on its own port (cli.py, serve_separately)
+
+        @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+        async def prometheus_metrics(request: Request) -> Response:
+            body, content_type = metrics.render_for(request.headers.get("accept"))
+            return Response(body, media_type=content_type)
 
     @app.exception_handler(ServiceError)
     async def on_service_error(_request: Request, error: ServiceError) -> Response:
