@@ -105,7 +105,12 @@ class Prometheus:
     def query_range(
         self, promql: str, start: float, end: float, step_s: float
     ) -> list[dict[str, Any]]:
-        params = {"query": promql, "start": start, "end": end, "step": step_s}
+        params: dict[str, str | float] = {
+            "query": promql,
+            "start": start,
+            "end": end,
+            "step": step_s,
+        }
         body = self.http.get("/api/v1/query_range", params=params).json()
         if body.get("status") != "success":
             raise ValueError(f"{body.get('errorType')}: {body.get('error')}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,6 +26,9 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, start_http_server
 
 from service.gpu_metrics import gpu_collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 # `*_created` series double the series count and trip up anyone who sums a whole metric.
 disable_created_metrics()
@@ -155,6 +159,7 @@ class ServiceMetrics:
         )
         self._gpu_lock = threading.Lock()
         self._gpu_registered = False
+        self._metrics_server: WSGIServer | None = None
         self.ready.set(0)
         for endpoint in ENDPOINTS:
             self.request_duration.labels(endpoint)
@@ -194,8 +199,14 @@ class ServiceMetrics:
     def serve_separately(self, host: str, port: int) -> int:
         """Serve /metrics (any path, in fact) on its own port, off the application's
         listener, in a daemon thread; returns the port bound (for port 0)."""
-        server, _thread = start_http_server(port, host, self.registry)
-        return int(server.server_address[1])
+        self._metrics_server, _thread = start_http_server(port, host, self.registry)
+        return int(self._metrics_server.server_address[1])
+
+    def stop_serving(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
 
     # --- BatchObserver
 
