@@ -14,7 +14,10 @@ the moment its batch finished. The trace id goes into log records (`TraceContext
 and onto the request-latency histogram as an exemplar.
 
 With tracing off nothing here imports OpenTelemetry and no middleware is installed: the
-request path is exactly the untraced one.
+request path is exactly the untraced one. (FastAPI imports the OpenTelemetry API for its
+own native telemetry, which passes requests straight through while no global tracer
+provider is set; this module never sets one, so traced apps get the contrib
+instrumentation's spans only, and FastAPI's native layer steps aside when it sees them.)
 """
 
 from __future__ import annotations
