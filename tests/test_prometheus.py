@@ -293,3 +293,24 @@ def test_the_dashboard_is_what_its_generator_writes() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert DASHBOARD.read_text() == module.render(), "run scripts/build_dashboard.py"
+
+
+def test_every_alert_has_annotations_and_a_runbook_section() -> None:
+    import yaml
+
+    readme = (RULES.parent.parent / "README.md").read_text()
+    anchors = {
+        line.removeprefix("### ").strip().lower()
+        for line in readme.splitlines()
+        if line.startswith("### ")
+    }
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "alert" not in rule:
+                continue
+            annotations = rule["annotations"]
+            assert {"summary", "description", "runbook_url"} <= set(annotations), rule["alert"]
+            assert rule["labels"]["severity"] in ("critical", "warning")
+            anchor = annotations["runbook_url"].rpartition("#")[2]
+            assert anchor == rule["alert"].lower()
+            assert anchor in anchors, f"no '### {rule['alert']}' in deploy/README.md"
