@@ -116,6 +116,13 @@ class Prometheus:
             raise ValueError(f"{body.get('errorType')}: {body.get('error')}")
         return list(body["data"]["result"])
 
+    def exemplars(self, promql: str, start: float, end: float) -> list[dict[str, Any]]:
+        params: dict[str, str | float] = {"query": promql, "start": start, "end": end}
+        body = self.http.get("/api/v1/query_exemplars", params=params).json()
+        if body.get("status") != "success":
+            raise ValueError(f"{body.get('errorType')}: {body.get('error')}")
+        return list(body["data"] or [])
+
     def targets(self) -> list[dict[str, Any]]:
         return list(self.http.get("/api/v1/targets").json()["data"]["activeTargets"])
 

@@ -186,7 +186,9 @@ def instrument(
 ) -> Tracing | None:
     """Trace `app` when the environment asks for it (or when a test passes `exporter`, which
     then receives every span synchronously); returns None, having imported nothing, when
-    tracing is off. Call before the app serves its first request."""
+    tracing is off. Call before the app serves its first request. A tracing setting the
+    service cannot honour is logged as an error and leaves tracing off: traces are never
+    worth refusing to serve."""
     if exporter is None and not enabled(env):
         return None
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -194,7 +196,12 @@ def instrument(
     if exporter is not None:
         provider = _provider(version, [exporter], batch=False, env=env)
     else:
-        provider = _provider(version, _exporters(env), batch=True, env=env)
+        try:
+            exporters = _exporters(env)
+        except (ValueError, ImportError) as exc:
+            log.error("tracing stays OFF: %s", exc)
+            return None
+        provider = _provider(version, exporters, batch=True, env=env)
     tracing = Tracing(provider)
     FastAPIInstrumentor.instrument_app(
         app,

@@ -4,7 +4,9 @@ One server (ResNet-18) and one Prometheus for the module: real traffic flows (go
 and rejected requests, under concurrency), Prometheus scrapes every second with the
 project's scrape config and rules, and then every PromQL expression of the dashboard and
 of the rules must parse and (panels) return data. promtool checks and unit-tests the
-rules. Without prometheus/promtool these tests skip, except under CI=true, where they fail.
+rules. The service is traced (in-memory spans) so that Prometheus stores trace ids as
+exemplars. Without prometheus/promtool these tests skip, except under CI=true, where they
+fail.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from loadtests.prometheus import (
     DASHBOARD,
@@ -31,6 +34,8 @@ from loadtests.prometheus import (
     rule_queries,
     running_prometheus,
 )
+from service import metrics as metrics_module
+from service import tracing
 from service.app import create_app
 from service.config import Settings
 from tests.support import running_server
@@ -142,6 +147,8 @@ async def _drive(url: str, jpegs: list[bytes]) -> Traffic:
 class Live:
     prometheus: Prometheus
     traffic: Traffic
+    started: float
+    finished: float
 
 
 @pytest.fixture(scope="module")
@@ -155,15 +162,22 @@ def live(resnet18_package: Path, distinct_jpegs: list[bytes]) -> Iterator[Live]:
         warmup_batch_sizes=[1, 4],
     )
     app = create_app(settings)
-    with running_server(app) as url:
-        target = url.removeprefix("http://")
-        with running_prometheus([target], interval_s=1.0) as prometheus:
-            prometheus.wait_until(f'up{{job="{JOB}"}} == 1', timeout_s=15)
-            traffic = asyncio.run(_drive(url, distinct_jpegs))
-            # Two scrapes after the traffic, and the rules evaluated on them.
-            time.sleep(2.5)
-            prometheus.wait_until(f'job:resnet_images:rate5m{{job="{JOB}"}} > 0', timeout_s=15)
-            yield Live(prometheus, traffic)
+    # Traced (spans kept in memory), so that Prometheus stores the trace ids as exemplars.
+    app.state.tracing = tracing.instrument(app, "test", exporter=InMemorySpanExporter())
+    try:
+        with running_server(app) as url:
+            target = url.removeprefix("http://")
+            with running_prometheus([target], interval_s=1.0) as prometheus:
+                prometheus.wait_until(f'up{{job="{JOB}"}} == 1', timeout_s=15)
+                started = time.time()
+                traffic = asyncio.run(_drive(url, distinct_jpegs))
+                # Two scrapes after the traffic, and the rules evaluated on them.
+                time.sleep(2.5)
+                prometheus.wait_until(f'job:resnet_images:rate5m{{job="{JOB}"}} > 0', timeout_s=15)
+                yield Live(prometheus, traffic, started, time.time())
+    finally:
+        metrics_module.set_exemplar_source(None)
+        app.state.tracing.shutdown()
 
 
 def _run(prometheus: Prometheus, query: Query) -> tuple[str, list[dict]]:
@@ -280,6 +294,18 @@ def test_metrics_moved_as_the_traffic_says(live: Live) -> None:
     assert total(f'sum(resnet_requests_total{{{sel}, status="200"}})') == statuses[200]
     assert total(f"sum(resnet_model_load_seconds{{{sel}}})") > 0
     assert not query(f'{{__name__=~".+_created", {sel}}}'), "*_created series are exposed"
+
+
+def test_prometheus_stores_trace_ids_as_exemplars_of_request_latency(live: Live) -> None:
+    found = live.prometheus.exemplars(
+        f'resnet_request_duration_seconds_bucket{{job="{JOB}"}}', live.started, live.finished
+    )
+    trace_ids = {
+        exemplar["labels"]["trace_id"] for series in found for exemplar in series["exemplars"]
+    }
+    print(f"{len(trace_ids)} distinct trace ids as exemplars, e.g. {sorted(trace_ids)[:2]}")
+    assert trace_ids
+    assert all(len(trace_id) == 32 for trace_id in trace_ids)
 
 
 def test_the_dashboard_is_what_its_generator_writes() -> None:

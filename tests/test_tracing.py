@@ -71,15 +71,25 @@ print("untraced")
     assert result.stdout.strip() == "untraced"
 
 
-def test_an_unsupported_exporter_is_refused(resnet18_package: Path) -> None:
-    settings = Settings(model_dir=resnet18_package)
-    with pytest.raises(ValueError, match="otlp, console or none"):
-        tracing.instrument(create_app(settings), env={"OTEL_TRACES_EXPORTER": "zipkin"})
-    with pytest.raises(ValueError, match="http/protobuf"):
-        tracing.instrument(
-            create_app(settings),
-            env={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
-        )
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "otlp, console or none"),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "http/protobuf"),
+    ],
+)
+def test_an_unsupported_exporter_is_logged_and_tracing_stays_off(
+    resnet18_package: Path,
+    env: dict[str, str],
+    message: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = create_app(Settings(model_dir=resnet18_package))
+    with caplog.at_level(logging.ERROR, logger="resnet_serve"):
+        assert tracing.instrument(app, env=env) is None
+    assert message in caplog.text
+    assert "tracing stays OFF" in caplog.text
+    assert not app.user_middleware
 
 
 @pytest.fixture
