@@ -205,8 +205,12 @@ def panels() -> list[Panel]:
         ),
         timeseries(
             "Request latency p50 / p90 / p99",
-            "Arrival to response inside the service, from the histogram summed over pods.",
-            quantiles("resnet_request_duration_seconds", "endpoint"),
+            "Arrival to response inside the service, from the histogram summed over pods. "
+            "With tracing on, exemplars (dots) link to the traces of slow requests.",
+            [
+                {**t, "exemplar": True}
+                for t in quantiles("resnet_request_duration_seconds", "endpoint")
+            ],
             "s",
         ),
         timeseries(
