@@ -326,8 +326,9 @@ def panels() -> list[Panel]:
         row("Refused and dropped work"),
         timeseries(
             "Rejections by reason",
-            "Requests refused or failed: queue_full (429), draining / not_ready (503), "
-            "deadline (504), client_disconnected, bad_input (4xx), internal (500).",
+            "Requests refused or failed: queue_full / too_busy (429), draining / not_ready "
+            "(503), deadline (504), client_disconnected (499), body_timeout (408), "
+            "unauthorized (401), bad_input (other 4xx), internal (500).",
             targets(
                 (f"sum by (reason) (rate(resnet_rejections_total{{{SEL}}}[{RATE}]))", "{{reason}}")
             ),

@@ -203,8 +203,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
             params = {**dict(request.query_params), **payload.fields}
             timeout_s = settings.request_timeout_ms / 1000
             results = await until_disconnected(request, runtime.infer(payload.images, timeout_s))
-            if app.state.tracing is not None:  # child spans: decode, queue_wait, inference
-                app.state.tracing.record_stages(results, runtime.decode_in_batch)
+            if request.app.state.tracing is not None:  # spans: decode, queue_wait, inference
+                request.app.state.tracing.record_stages(results, runtime.decode_in_batch)
             response = render(results, params)
             response.headers["Server-Timing"] = _server_timing(
                 results, time.perf_counter() - started

@@ -35,13 +35,18 @@ disable_created_metrics()
 
 # The label values created at zero. Extend these lists when a new value appears.
 ENDPOINTS = ("predict", "embed")
-STATUSES = ("200", "400", "413", "415", "422", "429", "500", "503", "504")
+STATUSES = ("200", "400", "401", "408", "413", "415", "422", "429", "499", "500", "503", "504")
+# Every value `runtime.error_reason` can return (too_busy, body_timeout and unauthorized
+# come with the reliability work of issue 7).
 REJECTION_REASONS = [
     "queue_full",
+    "too_busy",
     "draining",
     "not_ready",
     "deadline",
     "client_disconnected",
+    "body_timeout",
+    "unauthorized",
     "bad_input",
     "internal",
 ]
