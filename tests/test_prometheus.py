@@ -293,6 +293,18 @@ def test_metrics_moved_as_the_traffic_says(live: Live) -> None:
     )
     assert total(f'sum(resnet_requests_total{{{sel}, status="200"}})') == statuses[200]
     assert total(f"sum(resnet_model_load_seconds{{{sel}}})") > 0
+    # The stage series agree with each other: one queue wait per image run, one engine
+    # run per batch, every image run answered, each one decoded, nothing left in flight.
+    images_run = total(f"sum(resnet_batch_size_sum{{{sel}}})")
+    assert images_run == total(f"sum(resnet_queue_wait_seconds_count{{{sel}}})")
+    assert images_run == total(f"sum(resnet_images_total{{{sel}}})")
+    assert total(f"sum(resnet_decode_duration_seconds_count{{{sel}}})") >= images_run
+    assert batches == total(f"sum(resnet_inference_duration_seconds_count{{{sel}}})")
+    assert batches == total(f'sum(resnet_batches_total{{{sel}, outcome="ok"}})')
+    assert total(f"sum(resnet_requests_in_progress{{{sel}}})") == 0
+    assert total(f"sum(resnet_queue_depth{{{sel}}})") == 0
+    assert total(f"max(resnet_queue_capacity{{{sel}}})") == 8
+    assert total(f"sum(resnet_ready{{{sel}}})") == 1
     assert not query(f'{{__name__=~".+_created", {sel}}}'), "*_created series are exposed"
 
 
