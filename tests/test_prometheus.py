@@ -352,3 +352,25 @@ def test_every_alert_has_annotations_and_a_runbook_section() -> None:
             anchor = annotations["runbook_url"].rpartition("#")[2]
             assert anchor == rule["alert"].lower()
             assert anchor in anchors, f"no '### {rule['alert']}' in deploy/README.md"
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "endpoints"),
+    [
+        ("servicemonitor.yaml", "ServiceMonitor", "endpoints"),
+        ("podmonitor.yaml", "PodMonitor", "podMetricsEndpoints"),
+    ],
+)
+def test_operator_examples_give_the_dashboard_labels(name: str, kind: str, endpoints: str) -> None:
+    """prometheus-operator is not run here: the examples are checked for what the
+    dashboard and rules rely on (job=resnet-serve, pod from the pod's name)."""
+    import yaml
+
+    manifest = yaml.safe_load(RULES.with_name(name).read_text())
+    assert manifest["apiVersion"] == "monitoring.coreos.com/v1"
+    assert manifest["kind"] == kind
+    (endpoint,) = manifest["spec"][endpoints]
+    assert endpoint["port"] == "metrics"
+    relabel = endpoint["relabelings"]
+    assert {"targetLabel": "job", "replacement": JOB} in relabel
+    assert {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "pod"} in relabel
