@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import tracing
 from service.config import Settings
 from service.errors import InvalidParameter, ServiceError
 from service.handling import ImageRequests
@@ -60,6 +61,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.tracing = tracing.instrument(app, service_version())  # None when tracing is off
     api = RestApi(runtime, settings, metrics, ImageRequests(runtime, settings, metrics))
     app.include_router(api.router())
     add_error_handlers(app, metrics)

@@ -176,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_keep_alive=settings.keepalive_timeout_s,
         server_header=False,
     )
+    if settings.metrics_port is not None:  # observability hook: /metrics off the main port
+        bound = app.state.metrics.serve_separately(settings.host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.host, bound)
     server = DrainingServer(config, app.state.runtime, settings.shutdown_grace_s)
     server.run()
     return server.exit_code

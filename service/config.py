@@ -165,6 +165,15 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(False, description="log every request (costs throughput)")
 
+    # --- observability
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve /metrics on this port (same host) instead of the main one, so it "
+        "can stay off the Ingress; default: on the main port",
+    )
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:

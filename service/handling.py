@@ -105,6 +105,8 @@ class ImageRequests:
             params = read_params({**query, **payload.fields})
             work = self.runtime.infer(payload.images, self.settings.request_timeout_ms / 1000)
             results = await until_disconnected(request, work)
+            if request.app.state.tracing is not None:  # spans: decode, queue_wait, inference
+                request.app.state.tracing.record_stages(results, self.runtime.decode_in_batch)
             response = render(results, params)
             elapsed = time.perf_counter() - started
             response.headers["Server-Timing"] = server_timing(results, elapsed)

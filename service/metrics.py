@@ -2,12 +2,17 @@
 queue depth and every reason work was refused or dropped.
 
 Each app owns its registry (no process-wide singletons), so tests and several apps in
-one process never share counters.
+one process never share counters. Every label set the dashboard and alerts use exists at
+zero from the start (a counter that appears only at its first increment hides that first
+increment from `rate()`), and the `*_created` series are off. docs/operations.md lists
+each metric and the question it answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,9 +20,60 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, start_http_server
+
+from service.gpu_metrics import gpu_collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+# `*_created` series double the series count and trip up anyone who sums a whole metric.
+disable_created_metrics()
+
+# The label values created at zero. Extend these lists when a new value appears.
+ENDPOINTS = ("predict", "embed")
+STATUSES = ("200", "400", "401", "408", "413", "415", "422", "429", "499", "500", "503", "504")
+# Every value `runtime.error_reason` can return (too_busy, body_timeout and unauthorized
+# come with the reliability work of issue 7).
+REJECTION_REASONS = [
+    "queue_full",
+    "too_busy",
+    "draining",
+    "not_ready",
+    "deadline",
+    "client_disconnected",
+    "body_timeout",
+    "unauthorized",
+    "bad_input",
+    "internal",
+]
+SKIP_REASONS = ("abandoned", "deadline")
+BATCH_OUTCOMES = ("ok", "failed")
+
+ExemplarSource = Callable[[], dict[str, str] | None]
+_exemplar_source: ExemplarSource | None = None
+
+
+def set_exemplar_source(source: ExemplarSource | None) -> None:
+    """Where latency histograms get their exemplars (the current trace id); tracing sets
+    it when it is switched on. None (the default) adds nothing to an observation."""
+    global _exemplar_source
+    _exemplar_source = source
+
+
+class ExemplarHistogram(Histogram):
+    """A Histogram whose observations carry the current trace id as an exemplar when
+    tracing is on (shown only in the OpenMetrics format, which Prometheus asks for when
+    started with `--enable-feature=exemplar-storage`)."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar is None and _exemplar_source is not None:
+            exemplar = _exemplar_source()
+        super().observe(amount, exemplar)
+
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
@@ -36,7 +92,7 @@ class ServiceMetrics:
         self.requests = Counter(
             "resnet_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
         )
-        self.request_duration = Histogram(
+        self.request_duration = ExemplarHistogram(
             "resnet_request_duration_seconds",
             "time from a request's arrival to its response, by endpoint",
             ["endpoint"],
@@ -90,20 +146,72 @@ class ServiceMetrics:
         )
         self.rejections = Counter(
             "resnet_rejections",
-            "requests refused or failed, by reason (queue_full, draining, not_ready, "
-            "deadline, client_disconnected, bad_input, internal)",
+            "requests refused or failed, by reason (" + ", ".join(REJECTION_REASONS) + ")",
             ["reason"],
             registry=r,
         )
         self.ready = Gauge("resnet_ready", "1 when the model is loaded and warm", registry=r)
         self.model = Info("resnet_model", "the model being served", registry=r)
-        for outcome in ("ok", "failed"):
+        self.model_load_seconds = Gauge(
+            "resnet_model_load_seconds",
+            "time to read the package and create the inference session(s)",
+            registry=r,
+        )
+        self.model_warmup_seconds = Gauge(
+            "resnet_model_warmup_seconds",
+            "time to run the warm-up batches before readiness",
+            registry=r,
+        )
+        self._gpu_lock = threading.Lock()
+        self._gpu_registered = False
+        self._metrics_server: WSGIServer | None = None
+        self.ready.set(0)
+        for endpoint in ENDPOINTS:
+            self.request_duration.labels(endpoint)
+            self.images.labels(endpoint)
+            for status in STATUSES:
+                self.requests.labels(endpoint, status)
+        for outcome in BATCH_OUTCOMES:
             self.batches.labels(outcome)
-        for reason in ("abandoned", "deadline"):
+        for reason in SKIP_REASONS:
             self.skipped_images.labels(reason)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def render_for(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition the scraper asked for: OpenMetrics (with exemplars) when its
+        Accept header names it, else the classic text format."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def model_loaded(self, load_s: float, warmup_s: float, device: str, device_id: int) -> None:
+        """Called once the model is loaded and warm: timings, and GPU series on CUDA."""
+        self.model_load_seconds.set(load_s)
+        self.model_warmup_seconds.set(warmup_s)
+        if device != "cuda":
+            return
+        with self._gpu_lock:
+            if self._gpu_registered:
+                return
+            collector = gpu_collector(device_id)
+            if collector is not None:
+                self.registry.register(collector)
+                self._gpu_registered = True
+
+    def serve_separately(self, host: str, port: int) -> int:
+        """Serve /metrics (any path, in fact) on its own port, off the application's
+        listener, in a daemon thread; returns the port bound (for port 0)."""
+        self._metrics_server, _thread = start_http_server(port, host, self.registry)
+        return int(self._metrics_server.server_address[1])
+
+    def stop_serving(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
 
     # --- BatchObserver
 

@@ -12,7 +12,7 @@ from service import postprocess
 from service.config import Settings
 from service.errors import Draining, NotReady
 from service.handling import ImageRequests
-from service.metrics import CONTENT_TYPE, ServiceMetrics
+from service.metrics import ServiceMetrics
 from service.params import EmbedParams, PredictParams, embed_params, predict_params
 from service.responses import error_response, json_response
 from service.runtime import ImageResult, Runtime, State
@@ -72,12 +72,14 @@ class RestApi:
             openapi_extra=image_request_body(embed_fields, {"normalize": True}),
             summary="Embedding vectors (pooled features before the classifier) for images",
         )
-        for path, handler, summary in (
+        routes: list[tuple[str, Any, str]] = [
             ("/healthz", self.healthz, "Liveness: the process is up (503 only if loading failed)"),
             ("/readyz", self.readyz, "Readiness: 200 once the model is loaded and warm"),
             ("/info", self.info, "What is being served: model, precision, provider, batching"),
-            ("/metrics", self.prometheus_metrics, "Prometheus metrics"),
-        ):
+        ]
+        if self.settings.metrics_port is None:  # else on its own port (cli.py)
+            routes.append(("/metrics", self.prometheus_metrics, "Prometheus metrics"))
+        for path, handler, summary in routes:
             router.add_api_route(path, handler, methods=["GET"], summary=summary)
         return router
 
@@ -162,8 +164,9 @@ class RestApi:
     async def info(self) -> Response:
         return json_response(describe(self.runtime, self.settings))
 
-    async def prometheus_metrics(self) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+    async def prometheus_metrics(self, request: Request) -> Response:
+        body, content_type = self.metrics.render_for(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
 
 def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:

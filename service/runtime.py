@@ -212,6 +212,10 @@ class Runtime:
         warm_started = time.perf_counter()
         engine.warm_up(sizes)
         self._engine = engine
+        self.metrics.model_loaded(  # observability hook (issue 10)
+            warm_started - started, time.perf_counter() - warm_started, engine.device,
+            self.settings.device_id,
+        )  # fmt: skip
         self.metrics.model.info(
             {
                 "name": manifest.name,
