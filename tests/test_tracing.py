@@ -20,6 +20,7 @@ from service import metrics as metrics_module
 from service import tracing
 from service.app import create_app
 from service.config import Settings
+from service.logs import RequestIdMiddleware
 from service.model_package import ModelPackage
 from tests.support import FakeEngine, running_server
 
@@ -51,13 +52,13 @@ def test_tracing_off_imports_nothing_and_installs_nothing(resnet18_package: Path
 import sys
 from service.app import create_app
 from service.config import Settings
+from service.logs import RequestIdMiddleware
 from service import metrics
 app = create_app(Settings(model_dir={str(resnet18_package)!r}))
 heavy = ("opentelemetry.sdk", "opentelemetry.instrumentation", "opentelemetry.exporter")
 loaded = sorted(m for m in sys.modules if m.startswith(heavy))
 assert not loaded, loaded
 assert app.state.tracing is None
-from service.logs import RequestIdMiddleware
 assert [m.cls for m in app.user_middleware] == [RequestIdMiddleware], app.user_middleware
 assert metrics._exemplar_source is None
 from opentelemetry import trace
