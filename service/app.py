@@ -29,6 +29,7 @@ from service.errors import (
     ServiceError,
 )
 from service.metrics import CONTENT_TYPE, ServiceMetrics
+from service.openapi_docs import mount_offline_docs
 from service.payloads import parse_payload, read_body
 from service.runtime import (
     EngineFactory,
@@ -164,7 +165,10 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
         version=service_version(),
         summary="ImageNet labels and embedding vectors from a ResNet, on ONNX Runtime.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by mount_offline_docs: works offline
+        redoc_url=None,
     )
+    mount_offline_docs(app)
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.metrics = metrics
