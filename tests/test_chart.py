@@ -112,10 +112,17 @@ CASES = [pytest.param(None, id="defaults")] + [pytest.param(p, id=p.stem) for p 
 @pytest.mark.parametrize("values_file", CASES)
 def test_helm_lint_strict_is_clean(values_file: Path | None) -> None:
     values = load_values(values_file) if values_file else None
-    report = helm.lint(CHART, values, strict=True, namespace="ml")
-    problems = [m for m in report["messages"] if m["severity"] >= 2]
-    assert not report["errors"], report
-    assert not problems, report
+    for version in KUBE_VERSIONS:
+        report = helm.lint(CHART, values, strict=True, namespace="ml", kube_version=f"v{version}")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]  # warning or error
+        assert not report["errors"], report
+        assert not problems, report
+
+
+def test_helm_lint_reports_problems() -> None:
+    report = helm.lint(CHART, {"replicaCount": "three"}, strict=True, namespace="ml")
+    assert report["errors"]
+    assert any("replicaCount" in m["error"] for m in report["messages"] if m["severity"] == 3)
 
 
 @pytest.mark.parametrize("values_file", CASES)
