@@ -422,6 +422,12 @@ def test_monitoring_objects_embed_the_deploy_files(chart: helm.Chart) -> None:
     assert find(documents, "PrometheusRule")["spec"] == rules
     monitor = find(documents, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    # The job label is the same as in the compose stack's scrape config.
+    compose_prometheus = ROOT / "deploy" / "compose" / "prometheus.yaml"
+    (job,) = yaml.safe_load(compose_prometheus.read_text())["scrape_configs"]
+    for kind in ("ServiceMonitor", "PodMonitor"):
+        label = find(documents, kind)["spec"]["jobLabel"]
+        assert find(documents, "Service")["metadata"]["labels"][label] == job["job_name"]
     service_ports = {p["name"] for p in find(documents, "Service")["spec"]["ports"]}
     assert service_ports == {"http", "metrics"}
     env = env_of(server_container(documents))
