@@ -130,8 +130,6 @@ COPY --from=model --chown=10001:10001 /models /models
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     CUDA_CACHE_PATH=/tmp/cuda-cache \
-    NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_PORT=8000 \
     RESNET_SERVE_MODEL_DIR=/models/${MODEL_NAME} \

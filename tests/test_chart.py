@@ -468,3 +468,15 @@ def test_chart_readme_lists_every_value() -> None:
         parts = leaf.split(".")
         prefixes = {".".join(parts[:n]) for n in range(1, len(parts) + 1)}
         assert prefixes & documented, f"{leaf} is not documented in the chart README"
+
+
+def test_packaged_chart_carries_the_linked_files(tmp_path: Path) -> None:
+    """`helm package` follows files/*'s symlinks: the archive holds the deploy/ files."""
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        files = {item["name"]: item["data"] for item in packaged.files}
+    for name, source in [
+        ("files/dashboard.json", ROOT / "deploy" / "grafana" / "resnet-serve-dashboard.json"),
+        ("files/rules.yaml", ROOT / "deploy" / "prometheus" / "resnet-serve-rules.yaml"),
+    ]:
+        assert files[name] == source.read_text()
