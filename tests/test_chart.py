@@ -480,3 +480,31 @@ def test_packaged_chart_carries_the_linked_files(tmp_path: Path) -> None:
         ("files/rules.yaml", ROOT / "deploy" / "prometheus" / "resnet-serve-rules.yaml"),
     ]:
         assert files[name] == source.read_text()
+
+
+def test_kubernetes_validate_command_line_on_the_gpu_render(
+    chart: helm.Chart, tmp_path: Path
+) -> None:
+    """The same check through the `kubernetes-validate --strict` command, on a manifest file."""
+    documents = render(chart, load_values(CHART / "examples" / "gpu-values.yaml"))
+    built_in = [d for d in documents if d["kind"] not in CRDS]
+    manifest = tmp_path / "gpu.yaml"
+    manifest.write_text(yaml.safe_dump_all(built_in))
+    command = str(Path(sys.executable).parent / "kubernetes-validate")
+    for version in KUBE_VERSIONS:
+        result = subprocess.run(
+            [command, "--strict", "--kubernetes-version", version, str(manifest)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    built_in[0].setdefault("spec", {})["replicaz"] = 1
+    manifest.write_text(yaml.safe_dump_all(built_in))
+    result = subprocess.run(
+        [command, "--strict", "--kubernetes-version", KUBE_VERSIONS[1], str(manifest)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
