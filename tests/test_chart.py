@@ -20,7 +20,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import ENV_PREFIX, Settings
@@ -275,9 +274,6 @@ def test_probes_use_the_service_routes_and_port(
         assert container[probe]["httpGet"]["port"] == "http"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert settings_from_env(env_of(container), monkeypatch).port == ports["http"]
-    # /healthz answers before the model loads: the liveness probe cannot kill a warming pod.
-    with TestClient(app) as client:
-        assert client.get("/healthz").status_code in (200, 503)
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
