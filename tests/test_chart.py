@@ -308,6 +308,7 @@ def test_defaults_are_secure_and_bounded(chart: helm.Chart) -> None:
     pod = find(documents, "Deployment")["spec"]["template"]["spec"]
     container = server_container(documents)
     assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False  # Service env vars share the RESNET_SERVE_ prefix
     assert find(documents, "ServiceAccount")["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
