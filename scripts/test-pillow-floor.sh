@@ -4,7 +4,7 @@
 # `make test`; it needs the package index for that one wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh cpu,export,dev,bench
+scripts/setup.sh
 floor=$(grep -oE '"pillow>=[0-9.]+"' pyproject.toml | grep -oE '[0-9]+(\.[0-9]+)+')
 target=$(mktemp -d)
 trap 'rm -rf "$target"' EXIT

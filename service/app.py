@@ -26,6 +26,7 @@ from service.errors import InvalidParameter, ServiceError
 from service.handling import ImageRequests
 from service.logs import RequestIdMiddleware
 from service.metrics import ServiceMetrics
+from service.openapi_docs import mount_offline_docs
 from service.params import shown
 from service.responses import error_response, json_response
 from service.rest_api import RestApi, service_version
@@ -57,7 +58,10 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
         version=service_version(),
         summary="ImageNet labels and embedding vectors from a ResNet, on ONNX Runtime.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by mount_offline_docs: works offline
+        redoc_url=None,
     )
+    mount_offline_docs(app)
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.metrics = metrics

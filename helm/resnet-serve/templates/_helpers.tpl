@@ -1,0 +1,104 @@
+{{/* Names and labels, as helm create and the prometheus-community charts write them. */}}
+
+{{- define "resnet-serve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "resnet-serve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "resnet-serve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "resnet-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "resnet-serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "resnet-serve.labels" -}}
+helm.sh/chart: {{ include "resnet-serve.chart" . }}
+{{ include "resnet-serve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: inference
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "resnet-serve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "resnet-serve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The server image: tag <appVersion>-cpu or -gpu unless set; a digest wins. */}}
+{{- define "resnet-serve.image" -}}
+{{- $flavor := ternary "gpu" "cpu" .Values.gpu.enabled }}
+{{- $tag := default (printf "%s-%s" .Chart.AppVersion $flavor) .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "resnet-serve.exportImage" -}}
+{{- $repository := default .Values.image.repository .Values.model.export.image.repository }}
+{{- $tag := default (printf "%s-export" .Chart.AppVersion) .Values.model.export.image.tag }}
+{{- printf "%s:%s" $repository $tag }}
+{{- end }}
+
+{{/* The package directory the server loads. */}}
+{{- define "resnet-serve.modelDir" -}}
+{{- if and (eq .Values.model.source "pvc") .Values.model.pvc.subPath }}
+{{- printf "/models/%s/%s" (trimAll "/" .Values.model.pvc.subPath) .Values.model.name }}
+{{- else }}
+{{- printf "/models/%s" .Values.model.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+One setting value as an environment variable string: lists comma separated, whole numbers
+without an exponent (YAML numbers reach templates as float64: 67108864 would print as
+6.7108864e+07).
+*/}}
+{{- define "resnet-serve.envValue" -}}
+{{- if kindIs "slice" . }}
+{{- $items := list }}
+{{- range . }}{{ $items = append $items (include "resnet-serve.envValue" .) }}{{ end }}
+{{- join "," $items }}
+{{- else if and (kindIs "float64" .) (eq (floor .) .) }}
+{{- int64 . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/* terminationGracePeriodSeconds: preStop sleep + the service's drain deadline + margin. */}}
+{{- define "resnet-serve.terminationGracePeriodSeconds" -}}
+{{- add (int .Values.drain.preStopSleepSeconds) (ceil .Values.config.shutdownGraceS | int) (int .Values.drain.extraSeconds) }}
+{{- end }}
+
+{{/* PromQL label matchers for this release's pods. */}}
+{{- define "resnet-serve.promSelector" -}}
+{{- default (printf "namespace=%q, pod=~%q" .Release.Namespace (printf "%s-.*" (include "resnet-serve.fullname" .))) .Values.autoscaling.keda.selector }}
+{{- end }}
+
+{{/* The metric port's name: the HTTP port unless metrics.port is set. */}}
+{{- define "resnet-serve.metricsPortName" -}}
+{{- ternary "metrics" "http" (gt (int .Values.metrics.port) 0) }}
+{{- end }}
