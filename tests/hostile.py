@@ -128,6 +128,21 @@ def gif_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims `width` x `height`."""
+    data = bytearray(jpeg(16, 16))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    """A small BMP whose info header claims `width` x `height`."""
+    data = bytearray(encode(picture(4, 4), "BMP"))
+    data[18:26] = width.to_bytes(4, "little") + height.to_bytes(4, "little", signed=True)
+    return bytes(data)
+
+
 def png_bomb(side: int = 4000) -> bytes:
     """A real decompression bomb: `side`^2 black pixels deflate to a few kilobytes."""
     return encode(Image.new("L", (side, side)), "PNG", optimize=True)
@@ -381,6 +396,8 @@ def image_cases() -> list[HostileCase]:
         image_case("png bomb header 2^31-1 square", lambda: png_claiming(2**31 - 1, 2**31 - 1), 413, TOO_LARGE),
         image_case("png deflate bomb 4000x4000", png_bomb, 413, TOO_LARGE),
         image_case("gif bomb header 65535x65535", lambda: gif_claiming(65535, 65535), 413, TOO_LARGE),
+        image_case("jpeg bomb header 65500x65500", lambda: jpeg_claiming(65500, 65500), 413, TOO_LARGE, "image/jpeg"),
+        image_case("bmp bomb header 50000x50000", lambda: bmp_claiming(50_000, 50_000), 413, TOO_LARGE, "image/bmp"),
         image_case("jpeg just over the pixel limit", lambda: flat(2001, 1000, "JPEG"), 413, TOO_LARGE, "image/jpeg"),
         # valid but odd: 200
         image_case("garbage after jpeg end marker", lambda: jpeg() + b"\x00garbage" * 500, media="image/jpeg"),
