@@ -143,6 +143,25 @@ def bmp_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data).to_bytes(4, "big")
+    return len(data).to_bytes(4, "big") + kind + data + crc
+
+
+def png_with_chunk_bomb(kind: bytes) -> bytes:
+    """A 32x32 PNG carrying a compressed metadata chunk that inflates to 50 MB: an iCCP
+    profile (read with the header) or a zTXt comment (read after the pixels)."""
+    data = png()
+    payload = b"name\x00\x00" + zlib.compress(b"\x00" * 50_000_000, 9)
+    at = data.index(b"IDAT") - 4 if kind == b"iCCP" else data.rindex(b"IEND") - 4
+    return data[:at] + png_chunk(kind, payload) + data[at:]
+
+
+def mpo() -> bytes:
+    """A multi-picture JPEG (what many phone cameras write)."""
+    return encode(picture(), "MPO", save_all=True, append_images=[picture(seed=1)])
+
+
 def png_bomb(side: int = 4000) -> bytes:
     """A real decompression bomb: `side`^2 black pixels deflate to a few kilobytes."""
     return encode(Image.new("L", (side, side)), "PNG", optimize=True)
@@ -395,6 +414,8 @@ def image_cases() -> list[HostileCase]:
         image_case("png bomb header 100000x100000", lambda: png_claiming(100_000, 100_000), 413, TOO_LARGE),
         image_case("png bomb header 2^31-1 square", lambda: png_claiming(2**31 - 1, 2**31 - 1), 413, TOO_LARGE),
         image_case("png deflate bomb 4000x4000", png_bomb, 413, TOO_LARGE),
+        image_case("png iCCP chunk inflating to 50 MB", lambda: png_with_chunk_bomb(b"iCCP"), 400, BAD),
+        image_case("png zTXt chunk inflating to 50 MB", lambda: png_with_chunk_bomb(b"zTXt"), 400, BAD),
         image_case("gif bomb header 65535x65535", lambda: gif_claiming(65535, 65535), 413, TOO_LARGE),
         image_case("jpeg bomb header 65500x65500", lambda: jpeg_claiming(65500, 65500), 413, TOO_LARGE, "image/jpeg"),
         image_case("bmp bomb header 50000x50000", lambda: bmp_claiming(50_000, 50_000), 413, TOO_LARGE, "image/bmp"),
@@ -420,6 +441,7 @@ def image_cases() -> list[HostileCase]:
         image_case("exif-rotated jpeg", lambda: exif_rotated(picture()), media="image/jpeg"),
         image_case("exif orientation 99", bogus_orientation_jpeg, media="image/jpeg"),
         image_case("progressive jpeg", lambda: jpeg(progressive=True), media="image/jpeg"),
+        image_case("mpo (multi-picture jpeg)", mpo, media="image/jpeg"),
         image_case("1x1 png", lambda: png(1, 1)),
         image_case("1x1 jpeg", lambda: jpeg(1, 1), media="image/jpeg"),
         image_case("100000x1 png", lambda: strip(100_000, 1)),
