@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from service.errors import (
@@ -219,4 +219,8 @@ def _parse_multipart(content_type: str, body: bytes, max_images: int) -> Payload
         parser.finalize()
     except MultipartParseError as exc:
         raise BadRequest(f"malformed multipart body: {clipped(exc)}") from exc
+    # python-multipart's finalize() does not check that the body was complete: a body cut
+    # short (or empty) would otherwise pass as one with fewer parts, or none.
+    if parser.state != MultipartState.END:
+        raise BadRequest("malformed multipart body: it ends before its closing boundary")
     return Payload(collector.files, collector.fields)
