@@ -58,6 +58,9 @@ def configure_logging(level: str, log_format: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # python-multipart warns on each malformed body, which we answer with a 400 anyway: a
+    # client could fill the log with them.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 def request_id_from(scope: Scope) -> str:

@@ -6,7 +6,7 @@ from importlib import metadata
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from service import postprocess
 from service.config import Settings
@@ -72,15 +72,20 @@ class RestApi:
             openapi_extra=image_request_body(embed_fields, {"normalize": True}),
             summary="Embedding vectors (pooled features before the classifier) for images",
         )
-        routes: list[tuple[str, Any, str]] = [
+        for path, handler, summary in (
             ("/healthz", self.healthz, "Liveness: the process is up (503 only if loading failed)"),
             ("/readyz", self.readyz, "Readiness: 200 once the model is loaded and warm"),
             ("/info", self.info, "What is being served: model, precision, provider, batching"),
-        ]
-        if self.settings.metrics_port is None:  # else on its own port (cli.py)
-            routes.append(("/metrics", self.prometheus_metrics, "Prometheus metrics"))
-        for path, handler, summary in routes:
+        ):
             router.add_api_route(path, handler, methods=["GET"], summary=summary)
+        if self.settings.metrics_port is None:  # else on its own port (cli.py)
+            router.add_api_route(
+                "/metrics",
+                self.prometheus_metrics,
+                methods=["GET"],
+                summary="Prometheus metrics",
+                response_class=PlainTextResponse,  # Prometheus text (or OpenMetrics), not JSON
+            )
         return router
 
     # ------------------------------------------------------------ inference

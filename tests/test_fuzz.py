@@ -49,11 +49,6 @@ response_schema_conformance.enabled = true
 unsupported_method.enabled = true
 negative_data_rejection.enabled = false
 positive_data_acceptance.enabled = false
-
-# /metrics answers Prometheus text, which its OpenAPI entry does not say.
-[[operations]]
-include-path = "/metrics"
-checks.content_type_conformance.enabled = false
 """
 
 
@@ -88,7 +83,7 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(
             command, capture_output=True, text=True, timeout=TIME_LIMIT_S, cwd=tmp_path
         )
         metrics = app.state.metrics.render().decode()
-    sent = interactions(report)
+    sent = interactions(report) if report.exists() else []
     statuses = [item["response"]["status_code"] for item in sent if item.get("response")]
     per_operation = Counter(
         f"{item['request']['method']} {urlsplit(item['request']['uri']).path}" for item in sent
