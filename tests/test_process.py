@@ -180,6 +180,7 @@ def test_sigterm_under_load_answers_or_refuses_every_request_and_cuts_none(
         sent = asyncio.run(stream(process))
         output, _ = process.communicate(timeout=grace_s + 10)
     assert time.monotonic() - started < 60 + grace_s
+    print(f"\nSIGTERM under a stream: {sent} sent, outcomes {outcomes}")
     assert process.returncode == 0, output
     assert set(outcomes) <= {"200", "503", "not accepted"}, outcomes
     assert sum(outcomes.values()) == sent
