@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -116,10 +116,10 @@ def build(arch: str, num_classes: int) -> nn.Module:
         return build_cifar(spec, num_classes).eval()
     from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-    block = Bottleneck if spec.bottleneck else BasicBlock
+    block: Any = Bottleneck if spec.bottleneck else BasicBlock
     return ResNet(
         block,
-        list(spec.blocks),
+        spec.blocks,
         num_classes=num_classes,
         stem_width=32,
         stem_type="deep",
@@ -134,8 +134,8 @@ def build_cifar(spec: ResNetSpec, num_classes: int) -> nn.Module:
     from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
     block = Bottleneck if spec.bottleneck else BasicBlock
-    model = ResNet(block, list(spec.blocks), num_classes=num_classes)  # type: ignore[arg-type]
+    model = ResNet(block, list(spec.blocks), num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    model.maxpool = nn.Identity()  # type: ignore[assignment]
+    model.maxpool = nn.Identity()
     return model

@@ -132,7 +132,8 @@ class _TimmFeatures(nn.Module):
         self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.model.forward_features(pixels))
+        model: Any = self.model  # timm's ResNet; torch's Module typing hides the method
+        return cast(torch.Tensor, model.forward_features(pixels))
 
 
 def from_module(

@@ -13,7 +13,7 @@ Tolerances (see docs/model-package.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +132,7 @@ def compare(
     )
 
 
-def _out_of_bounds(figures: dict[str, float | None], tolerances: dict[str, float]) -> list[str]:
+def _out_of_bounds(figures: Mapping[str, float | None], tolerances: dict[str, float]) -> list[str]:
     """Each figure that breaks its bound, as `name=value (needs >= bound)`."""
     broken = []
     for name, bound in tolerances.items():
