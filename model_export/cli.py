@@ -172,11 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "%(default)s; see docs/model-package.md for each method's fidelity and speed)",
     )
     calibration.add_argument(
-        "--float-stem-and-classifier",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep the first convolution and the classifier in float: ~3%% of the work, and "
-        "where INT8 loses most on trained weights (default: on)",
+        "--float-layers",
+        choices=variants.FLOAT_LAYERS,
+        default=variants.DEFAULT_FLOAT_LAYERS,
+        help="what INT8 leaves in float: the stem convolution, the first stage and the "
+        "classifier (default: %(default)s; where INT8 loses most on trained weights), only "
+        "the stem and the classifier, or nothing",
     )
     calibration.add_argument(
         "--calibration-limit",
@@ -363,7 +364,7 @@ def export(args: argparse.Namespace, progress: Progress) -> Manifest:
                         calibration_set,
                         graph.INPUT_NAME,
                         args.calibration_method,
-                        args.float_stem_and_classifier,
+                        args.float_layers,
                     )
                     calibration = {**calibration_info, **settings}
                 notes.append("static QDQ int8; for CPUs with VNNI or AMX")

@@ -29,13 +29,19 @@ from model_export import graph, photos, sources, variants
 from model_export.cli import CALIBRATION_CROPS_PER_IMAGE, CALIBRATION_JITTER
 from service.model_package import PreprocessSpec
 
-# (name, calibration method, stem and classifier in float)
-CHOICES: tuple[tuple[str, str, bool], ...] = (
-    ("minmax, all quantised (before)", "minmax", False),
-    ("minmax, float stem + classifier", "minmax", True),
-    ("percentile, all quantised", "percentile", False),
-    ("percentile, float stem + classifier", "percentile", True),
-    ("entropy, float stem + classifier", "entropy", True),
+# (name, calibration method, what stays in float)
+CHOICES: tuple[tuple[str, str, str], ...] = (
+    ("minmax, all quantised (before)", "minmax", "none"),
+    ("minmax, float stem + classifier", "minmax", "stem-classifier"),
+    ("percentile, all quantised", "percentile", "none"),
+    ("percentile, float stem + classifier", "percentile", "stem-classifier"),
+    ("entropy, float stem + classifier", "entropy", "stem-classifier"),
+    ("minmax, float stem + stage 1 + classifier", "minmax", "stem-stage1-classifier"),
+    (
+        "percentile, float stem + stage 1 + classifier (default)",
+        "percentile",
+        "stem-stage1-classifier",
+    ),
 )
 
 
@@ -129,7 +135,7 @@ def calibration_set(spec: PreprocessSpec, seed: int) -> np.ndarray:
     )
 
 
-def run(arch: str, rounds: int, runs: int, choices: Sequence[tuple[str, str, bool]]) -> str:
+def run(arch: str, rounds: int, runs: int, choices: Sequence[tuple[str, str, str]]) -> str:
     lines = [
         f"INT8 vs FP32 for {arch} on the {len(photos.VERIFICATION_PHOTO_NAMES)} held-out photos; "
         f"speed at batch 8, median of {rounds} interleaved rounds of {runs} runs, "
@@ -151,9 +157,9 @@ def run(arch: str, rounds: int, runs: int, choices: Sequence[tuple[str, str, boo
             fp32 = Path(tmp) / "model.onnx"
             graph.export_onnx(graph.ServingResNet(loaded), fp32, spec.crop)
             results, paths = [], {"fp32": fp32}
-            for index, (name, method, float_ends) in enumerate(choices):
+            for index, (name, method, float_layers) in enumerate(choices):
                 path = Path(tmp) / f"int8-{index}.onnx"
-                variants.to_int8(fp32, path, calibration, graph.INPUT_NAME, method, float_ends)
+                variants.to_int8(fp32, path, calibration, graph.INPUT_NAME, method, float_layers)
                 results.append(fidelity(fp32, path, held_out, name))
                 paths[name] = path
             timing = speeds(paths, held_out[:8], rounds, runs)

@@ -67,7 +67,10 @@ CALIBRATION_METHODS = {
     "entropy": CalibrationMethod.Entropy,
 }
 DEFAULT_CALIBRATION = "minmax"
-PERCENTILE = 99.999
+PERCENTILE = 99.9
+# What stays in float besides the fused normalisation (see docs/model-package.md#int8).
+FLOAT_LAYERS = ("none", "stem-classifier", "stem-stage1-classifier")
+DEFAULT_FLOAT_LAYERS = "stem-stage1-classifier"
 
 
 def stem_and_classifier_nodes(model: onnx.ModelProto, logits: str = "logits") -> list[str]:
@@ -91,20 +94,50 @@ def stem_and_classifier_nodes(model: onnx.ModelProto, logits: str = "logits") ->
     return names
 
 
+def _spatial_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name → height, for the 4-D float tensors shape inference can size."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    sizes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[2].HasField("dim_value"):
+            sizes[info.name] = dims[2].dim_value
+    return sizes
+
+
+def stage1_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes after the stem that work at the first stage's resolution (the output size
+    of the first residual Add): ResNet's first stage, the stem's max-pool, and in bottleneck
+    networks the first 1x1 convolution of stage 2, which still runs at that size."""
+    sizes = _spatial_sizes(model)
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    if not convs:
+        return []
+    nodes = list(model.graph.node)
+    after_stem = nodes[[node.name for node in nodes].index(convs[0].name) + 1 :]
+    first_add = next(
+        (node for node in after_stem if node.op_type == "Add" and node.output[0] in sizes), None
+    )
+    if first_add is None:
+        return []
+    stage1 = sizes[first_add.output[0]]
+    return [node.name for node in after_stem if node.output and sizes.get(node.output[0]) == stage1]
+
+
 def to_int8(
     source: Path,
     target: Path,
     calibration: np.ndarray,
     input_name: str,
     method: str = DEFAULT_CALIBRATION,
-    float_stem_and_classifier: bool = True,
+    float_layers: str = DEFAULT_FLOAT_LAYERS,
 ) -> dict[str, object]:
     """Static QDQ quantisation: per-channel int8 weights, uint8 activations.
 
     uint8 activations with int8 weights is the combination ONNX Runtime's x86 kernels
     (VNNI) run fastest; per-channel weights keep the accuracy of each filter. By default the
-    stem convolution and the classifier stay in float (see `stem_and_classifier_nodes`,
-    and docs/model-package.md for the measurements).
+    stem convolution, the first stage and the classifier stay in float
+    (`stem_and_classifier_nodes`, `stage1_nodes`; docs/model-package.md has the figures).
     """
     if method not in CALIBRATION_METHODS:
         raise ExportError(
@@ -113,8 +146,14 @@ def to_int8(
         )
     model = onnx.load(str(source))
     excluded = preprocessing_nodes(model)
-    if float_stem_and_classifier:
+    if float_layers not in FLOAT_LAYERS:
+        raise ExportError(
+            f"unknown float layers {float_layers!r}; choose one of: {', '.join(FLOAT_LAYERS)}"
+        )
+    if float_layers != "none":
         excluded += stem_and_classifier_nodes(model)
+    if float_layers == "stem-stage1-classifier":
+        excluded += stage1_nodes(model)
     extra_options: dict[str, object] = {}
     if method == "percentile":
         extra_options["CalibPercentile"] = PERCENTILE
@@ -128,7 +167,7 @@ def to_int8(
             "entropy": "Entropy",
         }[method],
         "calibration_samples": len(calibration),
-        "float_stem_and_classifier": float_stem_and_classifier,
+        "float_layers": float_layers,
         "float_nodes": excluded,
     }
     # The quantiser logs advice through the root logger; keep the progress output clean.

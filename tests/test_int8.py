@@ -125,22 +125,27 @@ def test_int8_holds_on_reestimated_batchnorm(reestimated_package: Path) -> None:
         assert check.embedding_mean_cosine == pytest.approx(float(embedding.mean()), abs=1e-3)
 
 
-def test_int8_keeps_stem_and_classifier_in_float(reestimated_package: Path) -> None:
+def test_int8_keeps_stem_stage1_and_classifier_in_float(reestimated_package: Path) -> None:
     model = onnx.load(str(reestimated_package / "model.int8.onnx"))
     producers = {output: node for node in model.graph.node for output in node.output}
     initializers = {init.name for init in model.graph.initializer}
     convs = [node for node in model.graph.node if node.op_type == "Conv"]
     assert len(convs) == 20  # ResNet-18
-    stem, rest = convs[0], convs[1:]
-    assert stem.input[1] in initializers  # a float weight, no DequantizeLinear
+    # The stem and stage 1's two basic blocks (4 convolutions) keep float weights; every
+    # later convolution's weight is int8, dequantised in the graph.
+    floats, rest = convs[:5], convs[5:]
+    for conv in floats:
+        assert conv.input[1] in initializers
     for conv in rest:
         assert producers[conv.input[1]].op_type == "DequantizeLinear"
+    stem = floats[0]
     classifier = producers["logits"]
     assert classifier.op_type == "Gemm"
     assert classifier.input[1] in initializers
     manifest = ModelPackage.load(reestimated_package).manifest
     assert manifest.calibration is not None
-    assert manifest.calibration["float_stem_and_classifier"] is True
+    assert manifest.calibration["float_layers"] == "stem-stage1-classifier"
+    assert manifest.calibration["calibration_method"] == "MinMax"
     assert stem.name in manifest.calibration["float_nodes"]
 
 
