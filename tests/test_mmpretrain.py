@@ -260,6 +260,8 @@ def _bad_checkpoint(tmp: Path, change: str) -> tuple[list[str], list[str]]:
             ["--mmpretrain-checkpoint", str(path), "--arch", "resnetv1c18"],
             ["does not match resnetv1c18", "unexpected keys", "downsample.2"],
         )
+    elif change == "missing-file":
+        return (["--mmpretrain-checkpoint", str(tmp / "nope.pth")], ["does not exist", "nope.pth"])
     elif change == "meta-class-count":
         torch.save({"meta": {"CLASSES": ["a", "b"]}, "state_dict": state}, path)
         return (["--mmpretrain-checkpoint", str(path)], ["meta names 2 classes", "head has 10"])
@@ -279,6 +281,7 @@ def _bad_checkpoint(tmp: Path, change: str) -> tuple[list[str], list[str]]:
     [
         "missing-and-unexpected",
         "arch-mismatch",
+        "missing-file",
         "meta-class-count",
         "torchvision-state-dict",
         "odd-depth",
