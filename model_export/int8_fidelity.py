@@ -30,18 +30,15 @@ from model_export.cli import CALIBRATION_CROPS_PER_IMAGE, CALIBRATION_JITTER
 from service.model_package import PreprocessSpec
 
 # (name, calibration method, what stays in float)
+_P = f"percentile {variants.PERCENTILE}"
 CHOICES: tuple[tuple[str, str, str], ...] = (
     ("minmax, all quantised (before)", "minmax", "none"),
     ("minmax, float stem + classifier", "minmax", "stem-classifier"),
-    ("percentile, all quantised", "percentile", "none"),
-    ("percentile, float stem + classifier", "percentile", "stem-classifier"),
+    (f"{_P}, all quantised", "percentile", "none"),
+    (f"{_P}, float stem + classifier", "percentile", "stem-classifier"),
     ("entropy, float stem + classifier", "entropy", "stem-classifier"),
     ("minmax, float stem + stage 1 + classifier", "minmax", "stem-stage1-classifier"),
-    (
-        "percentile, float stem + stage 1 + classifier (default)",
-        "percentile",
-        "stem-stage1-classifier",
-    ),
+    (f"{_P}, float stem + stage 1 + classifier (default)", "percentile", "stem-stage1-classifier"),
 )
 
 

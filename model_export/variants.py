@@ -66,8 +66,8 @@ CALIBRATION_METHODS = {
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
 }
-DEFAULT_CALIBRATION = "minmax"
-PERCENTILE = 99.9
+DEFAULT_CALIBRATION = "percentile"
+PERCENTILE = 99.99
 # What stays in float besides the fused normalisation (see docs/model-package.md#int8).
 FLOAT_LAYERS = ("none", "stem-classifier", "stem-stage1-classifier")
 DEFAULT_FLOAT_LAYERS = "stem-stage1-classifier"

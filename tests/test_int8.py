@@ -145,7 +145,7 @@ def test_int8_keeps_stem_stage1_and_classifier_in_float(reestimated_package: Pat
     manifest = ModelPackage.load(reestimated_package).manifest
     assert manifest.calibration is not None
     assert manifest.calibration["float_layers"] == "stem-stage1-classifier"
-    assert manifest.calibration["calibration_method"] == "MinMax"
+    assert manifest.calibration["calibration_method"] == "Percentile (99.99)"
     assert stem.name in manifest.calibration["float_nodes"]
 
 
