@@ -1,9 +1,11 @@
 """Real photos for verification and INT8 calibration.
 
-Verification uses the photos scikit-image ships, preprocessed exactly as the service will
+Verification uses photos scikit-image ships, preprocessed exactly as the service will
 preprocess a client's upload (`service.preprocess`), so parity is checked on the pixels the
-graph will really see. Calibration adds random crops and flips of its photos, so the
-activation ranges cover more than the centre crops that verification then measures.
+graph will really see. The 16 photos are split in two halves: INT8 is calibrated on one
+(`CALIBRATION_PHOTO_NAMES`, varied with random crops, flips and colour jitter) and every
+variant is verified on the other (`VERIFICATION_PHOTO_NAMES`), so INT8 is never checked on
+images it was calibrated on.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from model_export.errors import ExportError
 from service.errors import ImageTooLarge, InvalidImage
@@ -38,6 +40,21 @@ SAMPLE_PHOTO_NAMES = (
     "gravel.png",
     "cell.png",
 )
+# Disjoint halves, each with colour photos, grey-scale ones and textures; the two
+# motorcycle photos (a stereo pair) stay together.
+CALIBRATION_PHOTO_NAMES = (
+    "astronaut.png",
+    "coffee.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "coins.png",
+    "brick.png",
+)
+VERIFICATION_PHOTO_NAMES = tuple(
+    name for name in SAMPLE_PHOTO_NAMES if name not in CALIBRATION_PHOTO_NAMES
+)
 _MAX_PIXELS = 200_000_000
 
 
@@ -52,9 +69,9 @@ def sample_photo_dir() -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
-def sample_photos() -> list[Path]:
+def sample_photos(names: tuple[str, ...] = SAMPLE_PHOTO_NAMES) -> list[Path]:
     directory = sample_photo_dir()
-    photos = [directory / name for name in SAMPLE_PHOTO_NAMES if (directory / name).is_file()]
+    photos = [directory / name for name in names if (directory / name).is_file()]
     if not photos:
         raise ExportError(f"no sample photos found in {directory}")
     return photos
@@ -89,9 +106,10 @@ def preprocess_files(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
 
 
 def augmented_crops(
-    paths: list[Path], spec: PreprocessSpec, per_image: int, seed: int
+    paths: list[Path], spec: PreprocessSpec, per_image: int, seed: int, jitter: float = 0.0
 ) -> np.ndarray:
-    """The centre crop of each photo plus `per_image - 1` random resized crops and flips."""
+    """The centre crop of each photo plus `per_image - 1` random resized crops and flips,
+    with brightness, contrast and saturation each scaled by a factor in 1 ± `jitter`."""
     rng = np.random.default_rng(seed)
     centre = preprocess_files(paths, spec)
     samples = list(centre)
@@ -113,6 +131,13 @@ def augmented_crops(
             )
             if rng.random() < 0.5:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if jitter > 0:
+                for enhance in (
+                    ImageEnhance.Brightness,
+                    ImageEnhance.Contrast,
+                    ImageEnhance.Color,
+                ):
+                    crop = enhance(crop).enhance(float(rng.uniform(1 - jitter, 1 + jitter)))
             samples.append(np.asarray(crop, dtype=np.uint8))
     return np.stack(samples)
 

@@ -20,22 +20,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from model_export import archs
+from model_export.archs import ALL_ARCHS, TORCHVISION_ARCHS
 from model_export.errors import ExportError
 from service.model_package import Interpolation, PreprocessSpec, Source
 
-# torchvision's ResNet family: all share the ResNet class, so one graph builder serves them.
-TORCHVISION_ARCHS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-)
 IMAGENET_CLASSES = 1000
 
 # Hugging Face's ResNetConfig (layer_type, depths) → the torchvision name of the same network.
@@ -135,7 +124,19 @@ def _torchvision_module(arch: str, num_classes: int, weights: Any = None) -> nn.
     return torchvision.models.get_model(arch, weights=weights, **kwargs).eval()
 
 
-def _from_torchvision_module(
+class _TimmFeatures(nn.Module):
+    """timm's `forward_features`: the stem and the four stages, before pooling."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        model: Any = self.model  # timm's ResNet; torch's Module typing hides the method
+        return cast(torch.Tensor, model.forward_features(pixels))
+
+
+def from_module(
     model: nn.Module,
     arch: str,
     labels: list[str],
@@ -143,8 +144,22 @@ def _from_torchvision_module(
     source: Source,
     trained: bool,
 ) -> LoadedModel:
-    stem_and_stages = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    features = nn.Sequential(*(model.get_submodule(name) for name in stem_and_stages))
+    """Split a torchvision-style (or timm) ResNet into features and classifier."""
+    model = model.eval()
+    if hasattr(model, "forward_features"):  # timm
+        features: nn.Module = _TimmFeatures(model)
+    else:
+        stem_and_stages = (
+            "conv1",
+            "bn1",
+            "relu",
+            "maxpool",
+            "layer1",
+            "layer2",
+            "layer3",
+            "layer4",
+        )
+        features = nn.Sequential(*(model.get_submodule(name) for name in stem_and_stages))
     classifier = cast(nn.Linear, model.get_submodule("fc"))
     return LoadedModel(
         arch=arch,
@@ -216,17 +231,24 @@ def load_torchvision(arch: str, weights_name: str, num_classes: int | None) -> L
         path=weights.url,
         sha256=sha256_file(checkpoint) if checkpoint.is_file() else None,
     )
-    return _from_torchvision_module(model, arch, categories, preprocessing, source, trained=True)
+    return from_module(model, arch, categories, preprocessing, source, trained=True)
 
 
 def load_random_init(arch: str, seed: int, num_classes: int | None) -> LoadedModel:
     """Seeded, untrained weights: the same seed gives the same model on every machine."""
+    if arch not in ALL_ARCHS:
+        raise ExportError(f"unknown arch {arch!r}; choose one of: {', '.join(ALL_ARCHS)}")
     classes = num_classes or IMAGENET_CLASSES
     torch.manual_seed(seed)
-    model = _torchvision_module(arch, classes)
+    model = archs.build(arch, classes)
     source = Source(kind="random-init", seed=seed)
-    return _from_torchvision_module(
-        model, arch, default_labels(classes), PreprocessSpec(), source, trained=False
+    return from_module(
+        model,
+        arch,
+        default_labels(classes),
+        archs.default_preprocessing(arch, classes),
+        source,
+        trained=False,
     )
 
 
@@ -290,7 +312,7 @@ def load_weights_file(
         )
     model.load_state_dict(state, strict=True)
     source = Source(kind="weights-file", path=str(path), sha256=sha256_file(path))
-    return _from_torchvision_module(
+    return from_module(
         model, arch, labels or default_labels(classes), PreprocessSpec(), source, trained=True
     )
 

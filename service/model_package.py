@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"
-FORMAT_VERSION = 1
+# 2: MMPretrain sources, mean cosines per check, held-out photo names, failed variants.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1 lacks only fields that have defaults here
 
 
 class Precision(StrEnum):
@@ -63,7 +65,7 @@ class TensorSpec(_Strict):
 
 
 class Source(_Strict):
-    kind: Literal["torchvision", "weights-file", "huggingface", "random-init"]
+    kind: Literal["torchvision", "weights-file", "huggingface", "mmpretrain", "random-init"]
     weights: str | None = Field(None, description="torchvision weights enum, e.g. IMAGENET1K_V2")
     path: str | None = None
     sha256: str | None = Field(None, description="SHA-256 of the weights file the model came from")
@@ -84,6 +86,9 @@ class VerificationCheck(_Strict):
     top1_agreement: float
     top5_overlap: float
     passed: bool
+    # Format 2: the mean per-image cosines (INT8 is bounded on these too).
+    logits_mean_cosine: float | None = None
+    embedding_mean_cosine: float | None = None
 
 
 class Verification(_Strict):
@@ -91,6 +96,8 @@ class Verification(_Strict):
     tolerances: dict[str, dict[str, float]]  # input set → figure → bound
     checks: list[VerificationCheck]
     passed: bool
+    # Format 2: the photos checked, by file name; never among the INT8 calibration images.
+    photos: list[str] = []
 
 
 class Variant(_Strict):
@@ -100,6 +107,14 @@ class Variant(_Strict):
     bytes: int
     verification: Verification
     notes: list[str] = []
+
+
+class FailedVariant(_Strict):
+    """A variant that failed its tolerances and was left out (`--skip-failed-variants`)."""
+
+    precision: Precision
+    reason: str
+    verification: Verification
 
 
 class Manifest(_Strict):
@@ -120,6 +135,7 @@ class Manifest(_Strict):
     variants: dict[Precision, Variant]
     calibration: dict[str, Any] | None = None
     tools: dict[str, str]
+    failed_variants: dict[Precision, FailedVariant] = {}
 
     @property
     def input_name(self) -> str:
@@ -128,6 +144,24 @@ class Manifest(_Strict):
 
 class PackageError(Exception):
     """The model directory is missing, incomplete or not a package this version can read."""
+
+
+def _check_format_version(path: Path, data: bytes) -> None:
+    """Before the schema: a newer package has fields this server cannot know about."""
+    try:
+        version = json.loads(data).get("format_version")
+    except (ValueError, AttributeError):
+        return  # not a JSON object: the schema check says what is wrong
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise PackageError(
+            f"{path} has format_version {version}, newer than this resnet-serve reads "
+            f"({', '.join(map(str, READABLE_FORMATS))}): upgrade resnet-serve to serve it"
+        )
+    if version not in READABLE_FORMATS:
+        raise PackageError(
+            f"{path} has format_version {version!r}; this resnet-serve reads "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
+        )
 
 
 class ModelPackage:
@@ -147,15 +181,12 @@ class ModelPackage:
                 f"{directory} is not a model package: {MANIFEST_FILE} is missing "
                 f"(create one with `resnet-export --out {directory}`)"
             )
+        data = manifest_path.read_bytes()
+        _check_format_version(manifest_path, data)
         try:
-            manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+            manifest = Manifest.model_validate_json(data)
         except ValidationError as exc:
             raise PackageError(f"{manifest_path} is not a valid manifest: {exc}") from exc
-        if manifest.format_version != FORMAT_VERSION:
-            raise PackageError(
-                f"{manifest_path} has format_version {manifest.format_version}; "
-                f"this version reads {FORMAT_VERSION}"
-            )
         labels_path = directory / manifest.labels_file
         try:
             labels = json.loads(labels_path.read_text(encoding="utf-8"))

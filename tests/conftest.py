@@ -79,3 +79,14 @@ def resnet18_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small, fast package (FP32 + INT8) for service tests that only need some model."""
     out = tmp_path_factory.mktemp("packages") / "resnet18"
     return export_package(out, "--arch", "resnet18", "--precision", "int8")
+
+
+@pytest.fixture(scope="session")
+def photo_pngs(photo_images: dict[str, Image.Image]) -> list[bytes]:
+    """The same photos as lossless request bodies."""
+    bodies = []
+    for image in photo_images.values():
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        bodies.append(buffer.getvalue())
+    return bodies

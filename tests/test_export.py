@@ -555,7 +555,13 @@ def test_int8_graph_is_quantised(resnet50_package: Path) -> None:
     producers = {output: node for node in model.graph.node for output in node.output}
     convs = [node for node in model.graph.node if node.op_type == "Conv"]
     assert len(convs) == 53  # ResNet-50
-    for conv in convs:  # every convolution's weight is int8, dequantised in the graph
+    # The stem and the first stage (10 convolutions, and stage 2's first 1x1 convolution,
+    # which runs at stage 1's resolution) stay in float; every other convolution's weight is
+    # int8, dequantised in the graph.
+    float_convs, int8_convs = convs[:12], convs[12:]
+    for conv in float_convs:
+        assert initializers[conv.input[1]].data_type == onnx.TensorProto.FLOAT
+    for conv in int8_convs:
         dequantize = producers[conv.input[1]]
         assert dequantize.op_type == "DequantizeLinear"
         assert initializers[dequantize.input[0]].data_type == onnx.TensorProto.INT8
