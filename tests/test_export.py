@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import json
 import subprocess
 import sys
@@ -25,7 +24,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import normalize
 
@@ -49,17 +47,6 @@ ERROR_PREFIX = "resnet-export: error:"
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture(scope="module")
-def photo_pngs(photo_images: dict[str, Image.Image]) -> list[bytes]:
-    """The conftest photos as lossless request bodies."""
-    bodies = []
-    for image in photo_images.values():
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG")
-        bodies.append(buffer.getvalue())
-    return bodies
 
 
 def photo_pixels(bodies: list[bytes], spec: PreprocessSpec) -> np.ndarray:
