@@ -27,14 +27,15 @@ class InProcess:
     def __init__(self, model_dir: Path, precision: Precision, settings: Settings) -> None:
         package = ModelPackage.load(model_dir)
         providers = resolve_providers(settings.providers)
+        threads = settings.thread_plan()  # the server's own plan, for a fair comparison
         self.precision, path, _ = choose_variant(package, precision, providers)
         self.engine = InferenceEngine(
             path,
             EngineOptions(
                 providers=providers,
-                intra_op_threads=settings.intra_op_threads,
+                intra_op_threads=threads.intra_op_threads,
                 inter_op_threads=settings.inter_op_threads,
-                allow_spinning=settings.allow_spinning,
+                allow_spinning=threads.spinning,
                 concurrent_runs=settings.max_concurrent_batches,
             ),
         )
@@ -42,7 +43,7 @@ class InProcess:
         self.preprocess = ImagePreprocessor(
             package.manifest.preprocessing, settings.max_image_pixels
         )
-        self.pool = ThreadPoolExecutor(settings.decode_workers)
+        self.pool = ThreadPoolExecutor(threads.decode_workers)
         self.engine.warm_up([1, 2, 4, 8, 16])
 
     def close(self) -> None:

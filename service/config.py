@@ -3,13 +3,13 @@ variables and overridden by command-line flags, passed into `create_app(settings
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.cpus import ThreadPlan, cpu_limit, plan_threads
 from service.model_package import Precision
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -17,10 +17,6 @@ AUTO_PROVIDERS = "auto"
 # Settings read from the environment only, never from a flag: a command line is visible to
 # every user of the host (ps, /proc/*/cmdline) and is printed by --help.
 ENV_ONLY = frozenset({"api_keys"})
-
-
-def _default_decode_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 class Settings(BaseSettings):
@@ -42,13 +38,18 @@ class Settings(BaseSettings):
     )
     device_id: int = Field(0, ge=0, description="GPU index for the CUDA provider")
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads per inference (0: one per physical core)"
+        0,
+        ge=0,
+        description="ONNX Runtime threads per inference (0: one per CPU this process may "
+        "use: the smallest of its cgroup CPU quota and its affinity mask)",
     )
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads")
-    allow_spinning: bool = Field(
-        True,
-        description="let ONNX Runtime threads spin briefly between ops instead of sleeping; "
-        "a thread that slept must be woken, which costs a lone request ~10% latency here",
+    allow_spinning: bool | None = Field(
+        None,
+        description="let ONNX Runtime threads spin briefly between ops instead of sleeping "
+        "(a thread that slept must be woken, which cost a lone request ~10% latency on 2 "
+        "cores); default: on, unless the threads would exceed the cgroup's CPU quota, where "
+        "spinning only gets the pod throttled",
     )
 
     # --- batching
@@ -88,8 +89,10 @@ class Settings(BaseSettings):
         "inference share the cores and overlapping them only makes each slower); "
         "default: overlap on GPUs only",
     )
-    decode_workers: int = Field(
-        default_factory=_default_decode_workers, ge=1, description="image decoding threads"
+    decode_workers: int | None = Field(
+        None,
+        ge=1,
+        description="image decoding threads (default: one per CPU this process may use, at most 8)",
     )
     max_images_per_request: int = Field(32, ge=1, description="images in one request, at most")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit")
@@ -173,6 +176,13 @@ class Settings(BaseSettings):
         description="serve /metrics on this port (same host) instead of the main one, so it "
         "can stay off the Ingress; default: on the main port",
     )
+
+    def thread_plan(self) -> ThreadPlan:
+        """The thread counts to use: these settings, with the automatic ones sized from
+        the CPUs this process may use (service/cpus.py)."""
+        return plan_threads(
+            cpu_limit(), self.intra_op_threads, self.decode_workers, self.allow_spinning
+        )
 
     @field_validator("providers", mode="before")
     @classmethod

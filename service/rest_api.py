@@ -216,6 +216,7 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
             serving["verified"] = variant.verification.passed
             serving["verified_against"] = variant.verification.reference
         info["serving"] = serving
+    info["threads"] = runtime.threads.describe()
     info["batching"] = {
         "max_batch_size": settings.max_batch_size,
         "max_queue_delay_ms": settings.max_queue_delay_ms,

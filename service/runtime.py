@@ -105,14 +105,15 @@ def load_onnx_engine(
     settings: Settings, package: ModelPackage
 ) -> tuple[Engine, Precision, list[str]]:
     providers = resolve_providers(settings.providers)
+    threads = settings.thread_plan()
     precision, path, warnings = choose_variant(package, settings.precision, providers)
     package.verify(precision)  # the graph is the one the manifest's SHA-256 names
     options = EngineOptions(
         providers=providers,
         device_id=settings.device_id,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=threads.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
-        allow_spinning=settings.allow_spinning,
+        allow_spinning=threads.spinning,
         concurrent_runs=settings.max_concurrent_batches,
     )
     return InferenceEngine(path, options), precision, warnings
@@ -136,7 +137,8 @@ class Runtime:
         self._preprocessor: ImagePreprocessor | None = None
         self._batcher: DynamicBatcher[Pending, ImageOutput] | None = None
         self.decode_in_batch = False  # decided once the device is known
-        self._decode_pool = ThreadPoolExecutor(settings.decode_workers, "decode")
+        self.threads = settings.thread_plan()
+        self._decode_pool = ThreadPoolExecutor(self.threads.decode_workers, "decode")
         self._engine_pool = ThreadPoolExecutor(settings.max_concurrent_batches, "engine")
         self._in_progress = 0
         self._idle = asyncio.Event()
@@ -237,6 +239,16 @@ class Runtime:
             warm_started - started,
             sizes,
             time.perf_counter() - warm_started,
+        )
+        plan = self.threads
+        log.info(
+            "threads: %g CPU(s) available (%s); ONNX Runtime %d thread(s), spinning %s; "
+            "%d decode worker(s)",
+            plan.limit.cpus,
+            plan.limit.source,
+            plan.intra_op_threads,
+            "on" if plan.spinning else "off",
+            plan.decode_workers,
         )
 
     def begin_drain(self, grace_s: float | None = None) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import helm_python as helm
 import jsonschema
@@ -217,8 +217,9 @@ def full_config() -> dict[str, Any]:
         if name in CHART_MANAGED:
             continue
         default = field.get_default(call_default_factory=True)
-        if default is None:
-            default = True
+        if default is None:  # automatic: pick a value of the setting's own type
+            kinds = get_args(field.annotation)
+            default = True if bool in kinds else 3 if int in kinds else default
         if isinstance(default, list) and not default:
             default = [1, 2, 4]
         config[camel(name)] = getattr(default, "value", default)

@@ -1,0 +1,122 @@
+"""The CPUs this process may use, and the thread counts sized from them.
+
+A container sees every core of its node (`os.cpu_count()`), but may use only its CPU
+limit: the CFS quota of its cgroup (v2 `cpu.max`; v1 `cpu.cfs_quota_us` over
+`cpu.cfs_period_us`) and its affinity mask (`taskset`, cpusets). The count here is the
+smallest of them. Threads beyond it only queue for the same cores, and ONNX Runtime threads
+that spin beyond a quota burn it and get the whole pod throttled, which wrecks tail latency;
+so spinning is turned off when the threads would exceed the quota.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MAX_DECODE_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class CpuLimit:
+    cpus: float  # may be fractional: a quota of 0.5 CPU
+    source: str  # where the count came from
+    quota: float | None  # the CFS quota in CPUs, when one is set
+
+    @property
+    def whole(self) -> int:
+        """Threads worth running: the CPUs, rounded down, at least one."""
+        return max(1, math.floor(self.cpus))
+
+
+def _own_cgroup_v2_path(proc_cgroup: Path) -> Path:
+    """This process's cgroup v2 path relative to the root (`0::/kubepods/...`)."""
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                return Path(line[3:].lstrip("/"))
+    except OSError:
+        pass
+    return Path()
+
+
+def _v2_quota(root: Path, own: Path) -> float | None:
+    """The tightest `cpu.max` from this process's cgroup up to the root."""
+    tightest: float | None = None
+    for directory in [root / own, *(root / parent for parent in own.parents)]:
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota != "max" and int(period) > 0:
+            cpus = int(quota) / int(period)
+            tightest = cpus if tightest is None else min(tightest, cpus)
+    return tightest
+
+
+def _v1_quota(root: Path) -> float | None:
+    for directory in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota = int((directory / "cpu.cfs_quota_us").read_text())
+            period = int((directory / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def cpu_limit(
+    root: Path = CGROUP_ROOT,
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+    affinity: Callable[[], int] = lambda: len(os.sched_getaffinity(0)),
+) -> CpuLimit:
+    """The smallest of the cgroup quota (v2, else v1) and the affinity mask."""
+    mask = affinity()
+    if (root / "cgroup.controllers").is_file():  # the unified (v2) hierarchy
+        quota, source = _v2_quota(root, _own_cgroup_v2_path(proc_cgroup)), "cgroup v2 cpu.max"
+    else:
+        quota, source = _v1_quota(root), "cgroup v1 cpu.cfs_quota_us"
+    if quota is not None and quota < mask:
+        return CpuLimit(quota, source, quota)
+    return CpuLimit(float(mask), "affinity mask", quota)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Threads for inference and decoding, from the CPUs available unless set."""
+
+    limit: CpuLimit
+    intra_op_threads: int
+    decode_workers: int
+    spinning: bool
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "cpus": round(self.limit.cpus, 3),
+            "cpus_source": self.limit.source,
+            "cfs_quota_cpus": None if self.limit.quota is None else round(self.limit.quota, 3),
+            "intra_op_threads": self.intra_op_threads,
+            "decode_workers": self.decode_workers,
+            "spinning": self.spinning,
+        }
+
+
+def plan_threads(
+    limit: CpuLimit,
+    intra_op_threads: int = 0,
+    decode_workers: int | None = None,
+    allow_spinning: bool | None = None,
+) -> ThreadPlan:
+    """0 / None mean automatic: one ONNX Runtime thread per CPU available, as many decode
+    workers (at most 8), and spinning unless the threads would exceed a CFS quota."""
+    intra = intra_op_threads or limit.whole
+    decode = decode_workers or min(MAX_DECODE_WORKERS, limit.whole)
+    if allow_spinning is None:
+        spinning = limit.quota is None or intra <= limit.quota
+    else:
+        spinning = allow_spinning
+    return ThreadPlan(limit, intra, decode, spinning)
