@@ -166,15 +166,19 @@ class DynamicBatcher(Generic[T, R]):
     def in_flight(self) -> int:
         return self._state.in_flight
 
-    def reserve(self, count: int) -> Reservation[T, R]:
-        """Hold `count` queue slots, or raise at once: `QueueFull` (429) or `Draining` (503)."""
-        if self._state.closing:
-            raise Draining()
+    def check_room(self, count: int = 1) -> None:
+        """Raise `QueueFull` (429) at once unless `count` more images fit in the queue."""
         if self.depth + count > self.max_queue_size:
             raise QueueFull(
                 f"the queue holds {self.depth} of {self.max_queue_size} images; retry later",
                 headers={"Retry-After": "1"},
             )
+
+    def reserve(self, count: int) -> Reservation[T, R]:
+        """Hold `count` queue slots, or raise at once: `QueueFull` (429) or `Draining` (503)."""
+        if self._state.closing:
+            raise Draining()
+        self.check_room(count)
         self._state.reserved += count
         self._observer.queue_depth(self.depth)
         return Reservation(self, count)

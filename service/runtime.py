@@ -37,7 +37,6 @@ from service.errors import (
     Draining,
     ImageTooLarge,
     NotReady,
-    QueueFull,
     ServiceError,
 )
 from service.limits import PixelBudget
@@ -300,12 +299,8 @@ class Runtime:
             raise NotReady(
                 "the model failed to load" if self.state is State.FAILED else NotReady.message
             )
-        batcher = self._batcher
-        if batcher is not None and batcher.depth >= batcher.max_queue_size:
-            raise QueueFull(
-                f"the queue holds {batcher.depth} of {batcher.max_queue_size} images; retry later",
-                headers={"Retry-After": "1"},
-            )
+        if self._batcher is not None:
+            self._batcher.check_room()
 
     async def infer(self, images: list[bytes], timeout_s: float) -> list[ImageResult]:
         """Decode, batch and run `images`; results in order. Raises `ServiceError`s.
