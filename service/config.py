@@ -184,16 +184,9 @@ class Settings(BaseSettings):
             cpu_limit(), self.intra_op_threads, self.decode_workers, self.allow_spinning
         )
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "api_keys", mode="before")
     @classmethod
-    def _split_providers(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
