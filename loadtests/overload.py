@@ -28,11 +28,12 @@ from loadtests.server import running_server
 from service.config import Settings
 
 
-def rss_bytes(pid: int) -> int:
+def status_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process from /proc/<pid>/status (VmRSS, VmHWM, ...), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
 
 
 def lone_latency_ms(url: str, body: bytes, count: int = 20) -> float:
@@ -63,10 +64,10 @@ async def scenario(host: str, port: int, pid: int, args: argparse.Namespace) -> 
     saturation = await closed_loop(host, port, requests, args.concurrency, 10.0, warmup_s=2.0)
     capacity = saturation.requests_per_s
     lone_before = lone_latency_ms(url, bodies[0])
-    rss_before = rss_bytes(pid)
+    rss_before = status_bytes(pid)
     offered = args.factor * capacity
     overload = await open_loop(host, port, requests, offered, args.duration_s, seed=1)
-    rss_after = rss_bytes(pid)
+    rss_after = status_bytes(pid)
     lone_after = lone_latency_ms(url, bodies[0])
     deadline_s = Settings.model_fields["request_timeout_ms"].default / 1000
     accepted = overload.latencies_by_status_s.get(200, [])

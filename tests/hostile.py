@@ -23,6 +23,8 @@ import numpy as np
 import orjson
 from PIL import Image, TiffImagePlugin
 
+from tests.support import png_claiming
+
 RAW = "raw"
 MULTIPART = "multipart"
 JSON = "json"
@@ -110,15 +112,6 @@ def strip(width: int, height: int) -> bytes:
 
 def jpeg(width: int = 96, height: int = 64, **options: object) -> bytes:
     return encode(picture(width, height), "JPEG", quality=90, **options)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header claims `width` x `height` (a decompression bomb's header)."""
-    data = bytearray(png(1, 1))
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4 : ihdr + 12] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    data[ihdr + 17 : ihdr + 21] = zlib.crc32(bytes(data[ihdr : ihdr + 17])).to_bytes(4, "big")
-    return bytes(data)
 
 
 def gif_claiming(width: int, height: int) -> bytes:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 from fastapi import FastAPI
+from PIL import Image
 
 from service.config import Settings
 from service.model_package import ModelPackage, Precision
@@ -128,3 +131,31 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
         if all(found.get(key) == val for key, val in wanted.items()):
             return float(value)
     return 0.0
+
+
+def png(
+    size: tuple[int, int] = (32, 32),
+    color: tuple[int, int, int] = (200, 30, 30),
+    noise: bool = False,
+    seed: int = 0,
+) -> bytes:
+    """A small RGB PNG request body: one colour, or random pixels (which compress poorly,
+    so the body is about width x height x 3 bytes)."""
+    if noise:
+        pixels = np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+    else:
+        image = Image.new("RGB", size, color)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose header claims `width` x `height` (CRC fixed up): a
+    decompression bomb's header, and nothing behind it."""
+    data = bytearray(png((1, 1)))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[ihdr + 17 : ihdr + 21] = zlib.crc32(bytes(data[ihdr : ihdr + 17])).to_bytes(4, "big")
+    return bytes(data)

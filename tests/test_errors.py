@@ -9,40 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
 from service.model_package import ModelPackage
-from tests.support import FakeEngine, metric_value, running_server
+from tests.support import FakeEngine, metric_value, png, png_claiming, running_server
 
 JPEG = {"content-type": "image/jpeg"}
 PNG = {"content-type": "image/png"}
-
-
-def png(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims `width` x `height` pixels (a decompression bomb)."""
-    data = bytearray(png((1, 1)))
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4 : ihdr + 12] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
-    data[ihdr + 17 : ihdr + 21] = crc.to_bytes(4, "big")
-    return bytes(data)
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> None:

@@ -8,9 +8,7 @@ JPEG artefacts.
 from __future__ import annotations
 
 import io
-import struct
 import warnings
-import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +21,7 @@ from service import preprocess as preprocess_module
 from service.errors import ImageTooLarge, InvalidImage
 from service.model_package import Interpolation, PreprocessSpec
 from service.preprocess import ImagePreprocessor, crop_box
+from tests.support import png_claiming
 
 MAX_PIXELS = 50_000_000
 DEFAULT_SPEC = PreprocessSpec()  # Resize(256), CenterCrop(224), bilinear: IMAGENET1K_V1
@@ -392,15 +391,6 @@ def test_formats_pillow_opens_but_we_do_not_accept_are_invalid(
     with pytest.raises(InvalidImage) as error:
         preprocess(data)
     assert error.value.code == "invalid_image"
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A real 1x1 PNG whose IHDR claims width x height (CRC fixed up): a header only."""
-    data = bytearray(png(Image.new("RGB", (1, 1), (200, 10, 10))))
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 @pytest.fixture

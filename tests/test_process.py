@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loadtests.overload import status_bytes
 from loadtests.server import free_port, wait_ready
 from service.cli import build_parser, main
 from service.config import ENV_ONLY, Settings
@@ -244,13 +245,6 @@ def test_a_corrupt_package_exits_non_zero_and_never_turns_ready(
     assert len([line for line in errors if "failed to load" in line]) == 1
 
 
-def _vm_bytes(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
 def test_a_burst_of_huge_16_bit_pngs_stays_within_its_memory_bound(resnet18_package: Path) -> None:
     """16 concurrent requests, each a ~80 KB 16-bit 6000x6000 PNG, with default settings:
     the server's peak RSS may rise by at most 1.5 GB (it rose by 2.5 GB before decodes
@@ -275,11 +269,11 @@ def test_a_burst_of_huge_16_bit_pngs_stays_within_its_memory_bound(resnet18_pack
     async def burst(pid: int) -> list[int]:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             await http.post("/predict", content=data, headers=PNG)  # first-use allocations
-            before = _vm_bytes(pid, "VmRSS")
+            before = status_bytes(pid, "VmRSS")
             responses = await asyncio.gather(
                 *(http.post("/predict", content=data, headers=PNG) for _ in range(16))
             )
-            rise = _vm_bytes(pid, "VmHWM") - before
+            rise = status_bytes(pid, "VmHWM") - before
             assert rise <= 1.5 * 2**30, f"peak RSS rose by {rise / 2**20:.0f} MB"
             return [response.status_code for response in responses]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import signal
 import socket
@@ -23,7 +22,6 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from PIL import Image
 
 from loadtests.client import open_loop, raw_request
 from service.app import create_app
@@ -31,21 +29,10 @@ from service.cli import DrainingServer
 from service.config import Settings
 from service.model_package import ModelPackage
 from service.protocol import with_header_timeout
-from tests.support import FakeEngine, metric_value, running_server
+from tests.support import FakeEngine, metric_value, png, running_server
 
 PNG = {"content-type": "image/png"}
 BOUND_S = 10.0  # upper bound on any wait; a passing test never gets near it
-
-
-def png(size: tuple[int, int] = (32, 32), noise: bool = False, seed: int = 0) -> bytes:
-    if noise:
-        pixels = np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
-        image = Image.fromarray(pixels, "RGB")
-    else:
-        image = Image.new("RGB", size, (200, 30, 30))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def port_of(url: str) -> int:

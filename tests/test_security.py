@@ -20,8 +20,7 @@ from service.cli import build_parser, main
 from service.config import Settings
 from service.model_package import ModelPackage
 from service.security import KeyFileError
-from tests.support import FakeEngine, metric_value, running_server
-from tests.test_reliability import png
+from tests.support import FakeEngine, metric_value, png, running_server
 
 PNG = {"content-type": "image/png"}
 ROOT = Path(__file__).resolve().parent.parent
