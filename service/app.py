@@ -2,7 +2,9 @@
 
 - `Runtime` (service/runtime.py): model loading, decoding, batching, draining;
 - `ImageRequests` (service/handling.py): the one path every image request takes;
-- `RestApi` (service/rest_api.py): the routes;
+- one module per protocol over them: `RestApi` (service/rest_api.py: /predict, /embed,
+  probes), the Open Inference Protocol (KServe v2) over HTTP (service/v2_http.py: /v2) and,
+  with `grpc_port` set, over gRPC (service/v2_grpc.py, in the same event loop);
 - middleware: the request id for logs (service/logs.py), optional API keys
   (service/security.py);
 - exception handlers that keep every error in the one JSON shape.
@@ -12,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +34,9 @@ from service.responses import error_response, json_response
 from service.rest_api import RestApi, service_version
 from service.runtime import EngineFactory, Runtime, load_onnx_engine
 from service.security import ApiKeyMiddleware, ApiKeys, open_paths
+from service.v2_grpc import V2GrpcServicer, start_grpc_server, stop_grpc_server
+from service.v2_http import V2HttpApi, is_v2_path, v2_error_response
+from service.v2_model import V2Model
 
 log = logging.getLogger("resnet_serve")
 
@@ -40,24 +45,13 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
     metrics = ServiceMetrics()
     runtime = Runtime(settings, metrics, engine_factory)
     keys = ApiKeys([key.get_secret_value() for key in settings.api_keys], settings.api_keys_file)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Load in the background: /healthz answers at once, /readyz turns 200 when warm.
-        loading = asyncio.create_task(runtime.load(), name="load-model")
-        app.state.loading = loading
-        try:
-            yield
-        finally:
-            if not loading.done():
-                loading.cancel()
-            await runtime.close(runtime.drain_time_left(settings.shutdown_grace_s))
-
+    requests = ImageRequests(runtime, settings, metrics)
+    v2_model = V2Model(runtime, settings)
     app = FastAPI(
         title="resnet-serve",
         version=service_version(),
         summary="ImageNet labels and embedding vectors from a ResNet, on ONNX Runtime.",
-        lifespan=lifespan,
+        lifespan=_lifespan(runtime, settings, V2GrpcServicer(v2_model, requests, keys, settings)),
         docs_url=None,  # served from local assets by mount_offline_docs: works offline
         redoc_url=None,
     )
@@ -65,15 +59,16 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.grpc_port = None  # the bound port, once the gRPC server listens
     app.state.tracing = tracing.instrument(app, service_version())  # None when tracing is off
-    api = RestApi(runtime, settings, metrics, ImageRequests(runtime, settings, metrics))
-    app.include_router(api.router())
+    app.include_router(RestApi(runtime, settings, metrics, requests).router())
+    app.include_router(V2HttpApi(v2_model, requests).router())
     add_error_handlers(app, metrics)
     if keys.enabled:
 
-        def refuse(error: ServiceError) -> Response:
+        def refuse(error: ServiceError, path: str) -> Response:
             metrics.rejections.labels("unauthorized").inc()
-            return error_response(error)
+            return shaped_error(path, error)
 
         paths = open_paths(settings.api_key_for_probes, settings.api_key_for_metrics)
         app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=paths, on_refused=refuse)
@@ -81,25 +76,59 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
     return app
 
 
+def _lifespan(
+    runtime: Runtime, settings: Settings, grpc_servicer: V2GrpcServicer
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /healthz answers at once, /readyz turns 200 when warm.
+        loading = asyncio.create_task(runtime.load(), name="load-model")
+        app.state.loading = loading
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server, app.state.grpc_port = await start_grpc_server(settings, grpc_servicer)
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            if grpc_server is not None:  # drained with HTTP: calls in flight finish first
+                await stop_grpc_server(
+                    grpc_server, runtime.drain_time_left(settings.shutdown_grace_s)
+                )
+            await runtime.close(runtime.drain_time_left(settings.shutdown_grace_s))
+
+    return lifespan
+
+
+def shaped_error(path: str, error: ServiceError) -> Response:
+    """The error in the shape of the protocol its path belongs to."""
+    return v2_error_response(error) if is_v2_path(path) else error_response(error)
+
+
 def add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     """Framework errors (validation, unknown route, anything unexpected) in our shape."""
 
     @app.exception_handler(ServiceError)
-    async def on_service_error(_request: Request, error: ServiceError) -> Response:
-        return error_response(error)
+    async def on_service_error(request: Request, error: ServiceError) -> Response:
+        return shaped_error(request.url.path, error)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, error: RequestValidationError) -> Response:
+    async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
         details = "; ".join(
             f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
             + (f" (got {shown(item['input'])})" if "input" in item else "")
             for item in error.errors()[:5]
         )
         metrics.rejections.labels("bad_input").inc()
-        return error_response(InvalidParameter(details or "invalid parameter"))
+        return shaped_error(request.url.path, InvalidParameter(details or "invalid parameter"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_request: Request, error: StarletteHTTPException) -> Response:
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if is_v2_path(request.url.path):
+            return json_response(
+                {"error": error.detail}, error.status_code, dict(error.headers or {})
+            )
         codes = {404: "not_found", 405: "method_not_allowed"}
         body = {
             "error": {"code": codes.get(error.status_code, "http_error"), "message": error.detail}
@@ -107,7 +136,7 @@ def add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
         return json_response(body, error.status_code, dict(error.headers or {}))
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_request: Request, error: Exception) -> Response:
+    async def on_unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error", exc_info=error)
         metrics.rejections.labels("internal").inc()
-        return error_response(ServiceError())
+        return shaped_error(request.url.path, ServiceError())

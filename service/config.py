@@ -148,6 +148,13 @@ class Settings(BaseSettings):
     # --- server
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="serve the Open Inference Protocol (KServe v2) over gRPC on this port, "
+        "beside HTTP in the same process (0: off)",
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,

@@ -77,6 +77,14 @@ class UnsupportedMediaType(ServiceError):
     message = "unsupported media type"
 
 
+class NotFound(ServiceError):
+    """An Open Inference Protocol request names a model or version this server does not serve."""
+
+    status = 404
+    code = "not_found"
+    message = "no such model"
+
+
 class InvalidParameter(ServiceError):
     status = 422
     code = "invalid_parameter"

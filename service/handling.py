@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 from starlette.types import Message
@@ -76,14 +78,67 @@ def server_timing(results: list[ImageResult], total_s: float) -> str:
     )
 
 
+@dataclass
+class Tally:
+    """What one request amounted to, filled in as it goes; counted when it ends."""
+
+    status: int = 500
+    images: int = 0
+
+
 class ImageRequests:
-    """Serves image requests for the endpoints (see the module docstring)."""
+    """Serves image requests for every protocol (see the module docstring): the REST API
+    through `serve`, the others through `counted`, `read_body` and `run`."""
 
     def __init__(self, runtime: Runtime, settings: Settings, metrics: ServiceMetrics) -> None:
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
         self.body_budget = ByteBudget(settings.max_buffered_bytes)
+
+    @asynccontextmanager
+    async def counted(self, endpoint: str) -> AsyncIterator[Tally]:
+        """Count the request once, whatever its outcome: by status, its rejection by
+        reason, its duration and its images. A `ServiceError` passes through."""
+        started = time.perf_counter()
+        tally = Tally()
+        try:
+            yield tally
+        except ServiceError as error:
+            tally.status = error.status
+            self.metrics.rejections.labels(error_reason(error)).inc()
+            raise
+        except asyncio.CancelledError:  # gRPC: the client cancelled, or its connection went
+            tally.status = ClientClosedRequest.status
+            self.metrics.rejections.labels("client_disconnected").inc()
+            raise
+        finally:
+            self.metrics.requests.labels(endpoint, str(tally.status)).inc()
+            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+            if tally.images:
+                self.metrics.images.labels(endpoint).inc(tally.images)
+
+    async def run(
+        self, images: list[bytes] | np.ndarray, request: Request | None = None
+    ) -> list[ImageResult]:
+        """Decode (unless given pixels), batch and run the images within the request
+        deadline; over HTTP, cancelled if the client goes away."""
+        return await self.run_within(images, self.settings.request_timeout_ms / 1000, request)
+
+    async def run_within(
+        self, images: list[bytes] | np.ndarray, timeout_s: float, request: Request | None = None
+    ) -> list[ImageResult]:
+        """`run` with a deadline of `timeout_s`: the client's own, where it sent one (gRPC)."""
+        if isinstance(images, np.ndarray):
+            work = self.runtime.infer_pixels(images, timeout_s)
+        else:
+            work = self.runtime.infer(images, timeout_s)
+        if request is None:
+            return await work  # gRPC cancels the handler's task when the client goes
+        results = await until_disconnected(request, work)
+        if request.app.state.tracing is not None:  # spans: decode, queue_wait, inference
+            request.app.state.tracing.record_stages(results, self.runtime.decode_in_batch)
+        return results
 
     async def serve(
         self,
@@ -94,39 +149,33 @@ class ImageRequests:
         render: Callable[[list[ImageResult], P], Response],
     ) -> Response:
         started = time.perf_counter()
-        status = 500
         lease = Lease(self.body_budget)
         try:
-            query = dict(request.query_params)
-            read_params(query)
-            self.runtime.admit()
-            payload = await self._read_payload(request, lease)
-            check_fields(payload.fields, fields)
-            params = read_params({**query, **payload.fields})
-            work = self.runtime.infer(payload.images, self.settings.request_timeout_ms / 1000)
-            results = await until_disconnected(request, work)
-            if request.app.state.tracing is not None:  # spans: decode, queue_wait, inference
-                request.app.state.tracing.record_stages(results, self.runtime.decode_in_batch)
-            response = render(results, params)
-            elapsed = time.perf_counter() - started
-            response.headers["Server-Timing"] = server_timing(results, elapsed)
-            self.metrics.images.labels(endpoint).inc(len(results))
-            status = response.status_code
-            return response
+            async with self.counted(endpoint) as tally:
+                query = dict(request.query_params)
+                read_params(query)
+                self.runtime.admit()
+                payload = await self._read_payload(request, lease)
+                check_fields(payload.fields, fields)
+                params = read_params({**query, **payload.fields})
+                results = await self.run(payload.images, request)
+                response = render(results, params)
+                elapsed = time.perf_counter() - started
+                response.headers["Server-Timing"] = server_timing(results, elapsed)
+                tally.status, tally.images = response.status_code, len(results)
+                return response
         except ServiceError as error:
-            status = error.status
-            self.metrics.rejections.labels(error_reason(error)).inc()
             return error_response(error)
         finally:
             lease.release()
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _read_payload(self, request: Request, lease: Lease) -> Payload:
+    async def read_body(self, request: Request, lease: Lease) -> bytes:
+        """The body, within `body_timeout_s` (408), capped at `max_body_bytes` (413), its
+        bytes held against the shared budget by `lease` (429)."""
         settings = self.settings
         try:
             async with asyncio.timeout(settings.body_timeout_s):
-                body = await read_body(
+                return await read_body(
                     request.stream(),
                     request.headers.get("content-length"),
                     settings.max_body_bytes,
@@ -136,6 +185,9 @@ class ImageRequests:
             raise RequestTimeout(
                 f"the request body was not received within {settings.body_timeout_s:g} s"
             ) from exc
+
+    async def _read_payload(self, request: Request, lease: Lease) -> Payload:
+        body = await self.read_body(request, lease)
         return parse_payload(
-            request.headers.get("content-type"), body, settings.max_images_per_request
+            request.headers.get("content-type"), body, self.settings.max_images_per_request
         )

@@ -34,8 +34,22 @@ if TYPE_CHECKING:
 disable_created_metrics()
 
 # The label values created at zero. Extend these lists when a new value appears.
-ENDPOINTS = ("predict", "embed")
-STATUSES = ("200", "400", "401", "408", "413", "415", "422", "429", "499", "500", "503", "504")
+ENDPOINTS = ("predict", "embed", "v2_http", "v2_grpc")  # v2: the Open Inference Protocol
+STATUSES = (
+    "200",
+    "400",
+    "401",
+    "404",
+    "408",
+    "413",
+    "415",
+    "422",
+    "429",
+    "499",
+    "500",
+    "503",
+    "504",
+)
 # Every value `runtime.error_reason` can return (too_busy, body_timeout and unauthorized
 # come with the reliability work of issue 7).
 REJECTION_REASONS = [

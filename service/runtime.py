@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from service.errors import (
     DeadlineExceeded,
     Draining,
     ImageTooLarge,
+    InvalidParameter,
     NotReady,
     ServiceError,
 )
@@ -303,10 +304,40 @@ class Runtime:
             self._batcher.check_room()
 
     async def infer(self, images: list[bytes], timeout_s: float) -> list[ImageResult]:
-        """Decode, batch and run `images`; results in order. Raises `ServiceError`s.
+        """Decode, batch and run encoded `images`; results in order. Raises `ServiceError`s.
 
         The request counts as accepted (drain waits for it) from here to its answer.
         """
+        return await self._infer(len(images), lambda: self._prepare(images), timeout_s)
+
+    async def infer_pixels(self, pixels: np.ndarray, timeout_s: float) -> list[ImageResult]:
+        """Batch and run images already preprocessed by the client: UINT8 `[N, H, W, 3]`
+        with H and W the package's crop size (`pixel_shape`), as the decoder would have
+        made them. No decoding: each image goes straight to the batcher."""
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != self.pixel_shape:
+            raise InvalidParameter(
+                f"pixels must be uint8 [N, {', '.join(map(str, self.pixel_shape))}]; "
+                f"got {pixels.dtype} {list(pixels.shape)}"
+            )
+
+        async def prepare() -> list[tuple[Pending, float]]:
+            return [(np.ascontiguousarray(image), 0.0) for image in pixels]
+
+        return await self._infer(len(pixels), prepare, timeout_s)
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """The shape of one preprocessed image, `(H, W, 3)`, once the package is loaded."""
+        assert self.package is not None
+        crop = self.package.manifest.preprocessing.crop
+        return (crop, crop, 3)
+
+    async def _infer(
+        self,
+        count: int,
+        prepare: Callable[[], Awaitable[list[tuple[Pending, float]]]],
+        timeout_s: float,
+    ) -> list[ImageResult]:
         self.admit()
         assert self._batcher is not None
         self._in_progress += 1
@@ -316,8 +347,8 @@ class Runtime:
         deadline = time.monotonic() + timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                with self._batcher.reserve(len(images)) as slots:
-                    prepared = await self._prepare(images)
+                with self._batcher.reserve(count) as slots:
+                    prepared = await prepare()
                     futures = [slots.submit(item, deadline) for item, _ in prepared]
                 completed = await asyncio.gather(
                     *(_indexed(index, future) for index, future in enumerate(futures))
@@ -327,7 +358,7 @@ class Runtime:
                 f"the request did not complete within {timeout_s * 1000:.0f} ms"
             ) from exc
         except ServiceError as exc:
-            if len(images) > 1 and exc.index is not None:  # say which image is bad
+            if count > 1 and exc.index is not None:  # say which image is bad
                 exc.message = f"image {exc.index}: {exc.message}"
             raise
         finally:

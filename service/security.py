@@ -24,7 +24,7 @@ log = logging.getLogger("resnet_serve.security")
 
 # Always open: the OpenAPI document and its viewer describe the API and hold no data.
 DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 METRICS_PATHS = frozenset({"/metrics"})
 
 
@@ -110,7 +110,7 @@ class ApiKeyMiddleware:
         self.app = app
         self.keys = keys
         self.open_paths = open_paths
-        self.on_refused = on_refused  # callable(Unauthorized) -> ASGI response
+        self.on_refused = on_refused  # callable(Unauthorized, path) -> ASGI response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -125,7 +125,7 @@ class ApiKeyMiddleware:
             if token is None
             else "the API key is not valid"
         )
-        response = self.on_refused(error)  # type: ignore[operator]
+        response = self.on_refused(error, scope["path"])  # type: ignore[operator]
         await response(scope, receive, send)
 
 
