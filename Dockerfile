@@ -31,7 +31,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY model_export/ model_export/
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c constraints.txt ".[cpu]"
+    && /opt/venv/bin/pip install -c constraints.txt ".[cpu,grpc]"
 
 # ---------------------------------------------------------------- export (resnet-export, CPU torch)
 FROM python-base AS export
@@ -115,7 +115,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY model_export/ model_export/
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c constraints.txt ".[gpu]"
+    && /opt/venv/bin/pip install -c constraints.txt ".[gpu,grpc]"
 
 # ---------------------------------------------------------------- gpu: the GPU server image
 FROM cuda-base AS gpu

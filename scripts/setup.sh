@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with the extras it needs, at the versions pinned in
 # constraints.txt; re-runs only when pyproject.toml or constraints.txt changed.
-# Usage: scripts/setup.sh [EXTRAS]   (default: cpu,export,dev,bench,tracing,deploy)
+# Usage: scripts/setup.sh [EXTRAS]   (default: cpu,export,dev,bench,tracing,deploy,grpc)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-cpu,export,dev,bench,tracing,deploy}"
+extras="${1:-cpu,export,dev,bench,tracing,deploy,grpc}"
 python="${PYTHON:-python3}"
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup: Python 3.11 or newer is needed (found $("$python" --version 2>&1))" >&2
