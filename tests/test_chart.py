@@ -41,9 +41,6 @@ CHART_MANAGED = {
     "api_keys_file": "apiKeys.*",
     "api_keys": "apiKeys.* (as a mounted file, RESNET_SERVE_API_KEYS_FILE)",
 }
-# Settings the chart already wires that land with another issue (gRPC: issue 12). Drop
-# the name here once Settings has it.
-PENDING_SETTINGS = {"grpc_port"}
 
 
 def camel(name: str) -> str:
@@ -251,9 +248,7 @@ def test_chart_env_names_are_settings_and_parse(
     container = server_container(render(chart, load_values(values_file) if values_file else None))
     env = env_of(container)
     names = {name.removeprefix(ENV_PREFIX).lower() for name in env if name.startswith(ENV_PREFIX)}
-    assert names <= set(Settings.model_fields) | PENDING_SETTINGS, names - set(
-        Settings.model_fields
-    )
+    assert names <= set(Settings.model_fields), names - set(Settings.model_fields)
     settings = settings_from_env(env, monkeypatch)
     assert settings.host == "0.0.0.0"
     http = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
@@ -427,7 +422,7 @@ def test_monitoring_objects_embed_the_deploy_files(chart: helm.Chart) -> None:
         label = find(documents, kind)["spec"]["jobLabel"]
         assert find(documents, "Service")["metadata"]["labels"][label] == job["job_name"]
     service_ports = {p["name"] for p in find(documents, "Service")["spec"]["ports"]}
-    assert service_ports == {"http", "metrics"}
+    assert service_ports == {"http", "grpc", "metrics"}
     env = env_of(server_container(documents))
     assert env["RESNET_SERVE_METRICS_PORT"] == "9090"
     assert env["RESNET_SERVE_API_KEYS_FILE"] == "/etc/resnet-serve/api-keys/api-keys"
@@ -435,13 +430,17 @@ def test_monitoring_objects_embed_the_deploy_files(chart: helm.Chart) -> None:
     assert policy["spec"]["egress"] == []
 
 
-def test_grpc_port_is_off_by_default(chart: helm.Chart) -> None:
+def test_grpc_port_is_on_by_default_and_can_be_turned_off(chart: helm.Chart) -> None:
     default = render(chart)
-    assert "RESNET_SERVE_GRPC_PORT" not in env_of(server_container(default))
-    assert [p["name"] for p in find(default, "Service")["spec"]["ports"]] == ["http"]
-    grpc = render(chart, load_values(CHART / "examples" / "grpc-values.yaml"))
-    assert env_of(server_container(grpc))["RESNET_SERVE_GRPC_PORT"] == "8001"
-    assert "grpc" in [p["name"] for p in find(grpc, "Service")["spec"]["ports"]]
+    assert env_of(server_container(default))["RESNET_SERVE_GRPC_PORT"] == "8001"
+    service_ports = {p["name"]: p for p in find(default, "Service")["spec"]["ports"]}
+    assert service_ports["grpc"]["port"] == 8001
+    assert service_ports["grpc"]["appProtocol"] == "grpc"
+    container_ports = {p["name"]: p for p in server_container(default)["ports"]}
+    assert container_ports["grpc"]["containerPort"] == 8001
+    off = render(chart, load_values(CHART / "examples" / "grpc-values.yaml"))
+    assert "RESNET_SERVE_GRPC_PORT" not in env_of(server_container(off))
+    assert [p["name"] for p in find(off, "Service")["spec"]["ports"]] == ["http"]
 
 
 def test_chart_readme_lists_every_value() -> None:
