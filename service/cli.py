@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="resnet-serve",
         description=(
             "Serve a resnet-export model package over HTTP: POST /predict (top-k labels), "
-            "POST /embed (feature vectors), GET /healthz, /readyz, /info, /metrics, /docs. "
+            "POST /embed (feature vectors), GET /healthz, /readyz, /info, /metrics, /docs, "
+            "and the Open Inference Protocol (KServe v2) under /v2 and, with --grpc-port, "
+            "over gRPC. "
             "Images are batched dynamically onto ONNX Runtime (CUDA when available, else CPU)."
         ),
         epilog=(
