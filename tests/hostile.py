@@ -29,6 +29,9 @@ RAW = "raw"
 MULTIPART = "multipart"
 JSON = "json"
 FORMS = (RAW, MULTIPART, JSON)
+# The Open Inference Protocol's form: BYTES images with the binary tensor data extension,
+# for /v2/models/{name}/infer (tests/test_v2.py sends the image cases through it).
+V2 = "v2"
 PREDICT = "/predict"
 EMBED = "/embed"
 ENDPOINTS = (PREDICT, EMBED)
@@ -291,6 +294,21 @@ def as_form(
         document = {"images": [base64.b64encode(data).decode() for data in images], **fields}
         body = json.dumps(document).encode()  # not orjson: it refuses ints beyond 64 bits
         return Request(body, {"content-type": "application/json"}, images=len(images))
+    if form == V2:
+        assert not fields, "v2 parameters are not image-request fields"
+        raw = b"".join(len(data).to_bytes(4, "little") + data for data in images)
+        tensor = {"name": "image_bytes", "datatype": "BYTES", "shape": [len(images)]}
+        header = orjson.dumps(
+            {
+                "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+                "outputs": [{"name": "logits", "parameters": {"classification": 1}}],
+            }
+        )
+        headers = {
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(header)),
+        }
+        return Request(header + raw, headers, images=len(images))
     raise ValueError(f"unknown form {form}")
 
 

@@ -5,6 +5,7 @@ and lifecycle, not results."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from service.model_package import ModelPackage
 from tests.support import FakeEngine, metric_value, png, running_server
 
 KEY = "v2-test-key"
+PNG = {"content-type": "image/png"}
 
 
 def image_input(module: type) -> object:
@@ -57,6 +59,23 @@ def server(
         yield url, f"127.0.0.1:{app.state.grpc_port}", app
 
 
+Clients = tuple[httpclient.InferenceServerClient, grpcclient.InferenceServerClient]
+
+
+@pytest.fixture
+def clients(server: tuple[str, str, object]) -> Iterator[Clients]:
+    url, address, _ = server
+    http = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    grpc = grpcclient.InferenceServerClient(address)
+    yield http, grpc
+    http.close()
+    grpc.close()
+    del http, grpc
+    # tritonclient.http's client holds gevent objects bound to this thread; collected later
+    # on another thread (the server's), its __del__ raises. Collect it here and now.
+    gc.collect()
+
+
 def refused(call: object) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as raised:
         call()  # type: ignore[operator]
@@ -65,11 +84,10 @@ def refused(call: object) -> InferenceServerException:
 
 @pytest.mark.settings(api_keys=KEY)
 def test_api_keys_guard_v2_over_http_and_grpc_but_not_its_health_probes(
-    server: tuple[str, str, object], name: str
+    server: tuple[str, str, object], name: str, clients: Clients
 ) -> None:
-    url, address, _ = server
-    http = httpclient.InferenceServerClient(url.removeprefix("http://"))
-    grpc = grpcclient.InferenceServerClient(address)
+    url, _, _ = server
+    http, grpc = clients
     assert http.is_server_ready()  # probes stay open
     assert grpc.is_server_ready()
     for key in (None, "wrong"):
@@ -95,16 +113,13 @@ def test_api_keys_guard_v2_over_http_and_grpc_but_not_its_health_probes(
     result = grpc.infer(name, [image_input(grpcclient)], headers={"authorization": f"Bearer {KEY}"})
     assert result.as_numpy("logits") is not None
     assert grpc.get_model_metadata(name, headers={"authorization": f"Bearer {KEY}"}).name == name
-    http.close()
-    grpc.close()
 
 
 def test_draining_refuses_new_v2_work_over_http_and_grpc(
-    server: tuple[str, str, object], name: str
+    server: tuple[str, str, object], name: str, clients: Clients
 ) -> None:
-    url, address, app = server
-    http = httpclient.InferenceServerClient(url.removeprefix("http://"))
-    grpc = grpcclient.InferenceServerClient(address)
+    url, _, app = server
+    http, grpc = clients
     assert grpc.infer(name, [image_input(grpcclient)]).as_numpy("logits") is not None
     app.state.runtime.begin_drain()  # type: ignore[attr-defined]  # what SIGTERM does first
     assert not http.is_server_ready()
@@ -115,24 +130,21 @@ def test_draining_refuses_new_v2_work_over_http_and_grpc(
     assert "shutting down" in response.json()["error"]
     error = refused(lambda: grpc.infer(name, [image_input(grpcclient)]))
     assert error.status() == "StatusCode.UNAVAILABLE"
-    http.close()
-    grpc.close()
 
 
 def test_the_grpc_deadline_becomes_the_requests_deadline(
-    server: tuple[str, str, object], name: str, engine: FakeEngine
+    server: tuple[str, str, object], name: str, engine: FakeEngine, clients: Clients
 ) -> None:
     """The engine is held: the call can only end by its deadline (0.5 s, far below the
     server's own 30 s), and the server must count it as timed out or abandoned."""
-    url, address, _ = server
+    url, _, _ = server
     engine.gate = threading.Event()
-    grpc = grpcclient.InferenceServerClient(address)
+    _, grpc = clients
     try:
         error = refused(lambda: grpc.infer(name, [image_input(grpcclient)], client_timeout=0.5))
         assert error.status() == "StatusCode.DEADLINE_EXCEEDED"
     finally:
         engine.gate.set()
-        grpc.close()
     deadline = time.monotonic() + 10
     while True:  # the server's side of the call may end a moment after the client's
         metrics = httpx.get(f"{url}/metrics").text
@@ -148,3 +160,41 @@ def test_the_grpc_deadline_becomes_the_requests_deadline(
         metric_value(metrics, "resnet_requests_total", {"endpoint": "v2_grpc", "status": "200"})
         == 0
     )
+
+
+@pytest.mark.settings(max_batch_size=1, max_queue_size=1, max_concurrent_batches=1)
+def test_a_full_queue_is_429_over_http_and_resource_exhausted_over_grpc(
+    server: tuple[str, str, object], name: str, engine: FakeEngine, clients: Clients
+) -> None:
+    """One image held on the engine, one waiting: the queue (of 1) is full, so both
+    protocols refuse at once; the held work completes once the engine is released."""
+    url, _, app = server
+    engine.gate = threading.Event()
+    batcher = app.state.runtime.batcher  # type: ignore[attr-defined]
+    answers: list[int] = []
+
+    def predict() -> None:
+        answers.append(
+            httpx.post(f"{url}/predict", content=png(), headers=PNG, timeout=30).status_code
+        )
+
+    senders = [threading.Thread(target=predict) for _ in range(2)]
+    http, grpc = clients
+    try:
+        senders[0].start()
+        assert engine.running.wait(10)
+        senders[1].start()
+        deadline = time.monotonic() + 10
+        while batcher.depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batcher.depth == 1
+        error = refused(lambda: http.infer(name, [image_input(httpclient)]))
+        assert error.status() == "429"
+        assert "queue" in error.message()
+        error = refused(lambda: grpc.infer(name, [image_input(grpcclient)]))
+        assert error.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    finally:
+        engine.gate.set()
+        for sender in senders:
+            sender.join(30)
+    assert answers == [200, 200]
