@@ -146,7 +146,7 @@ class V2GrpcServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             async with self.requests.counted(ENDPOINT) as tally:
                 name, version = request.model_name, request.model_version
-                self.model.package(name, version)
+                package = self.model.package(name, version)
                 self.requests.runtime.admit()
                 if not lease.grow_to(request.ByteSize()):
                     raise TooBusy()
@@ -156,10 +156,8 @@ class V2GrpcServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if remaining is not None:
                     timeout_s = max(0.0, min(timeout_s, remaining))
                 results = await self.requests.run_within(plan.images, timeout_s)
-                served_version = self.model.metadata(name)["versions"][0]
-                response = to_proto(
-                    name, version or served_version, request.id, self.model.render(plan, results)
-                )
+                outputs = self.model.render(plan, results)
+                response = to_proto(name, package.manifest.version, request.id, outputs)
                 tally.status, tally.images = 200, len(results)
         except ServiceError as error:
             await abort(context, error)

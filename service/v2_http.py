@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from service.errors import BadRequest, Draining, NotReady, ServiceError
 from service.handling import ImageRequests, server_timing
@@ -50,6 +51,37 @@ def v2_error_response(error: ServiceError) -> Response:
     return json_response({"error": error.message}, error.status, headers)
 
 
+class V2Error(BaseModel):
+    error: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"model": V2Error, "description": ERROR_MEANINGS[status]} for status in statuses
+    }
+
+
+ERROR_MEANINGS = {
+    400: "malformed request: the message names the tensor (input name, datatype, shape, data)",
+    401: "API key missing or not valid (when keys are configured)",
+    404: "unknown model or version",
+    408: "the request body was not received in time",
+    413: "body, image count or pixel count too large",
+    429: "queue full, or too much request data in flight; retry after Retry-After",
+    503: "model not ready, or the server is draining",
+    504: "the request's deadline passed",
+}
+MODEL_ERRORS = _errors(401, 404, 503)
+INFER_ERRORS = _errors(400, 401, 404, 408, 413, 429, 503, 504)
+INFER_OK: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "outputs as JSON, or with any binary output a JSON header of "
+        f"{HEADER_LENGTH} bytes followed by the binary tensors",
+        "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
 class V2HttpApi:
     """Route handlers for `/v2`; `router()` registers them."""
 
@@ -60,19 +92,33 @@ class V2HttpApi:
     def router(self) -> APIRouter:
         router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol (KServe v2)"])
         get = ["GET"]
-        router.add_api_route("", self.server_metadata, methods=get, summary="Server metadata")
-        router.add_api_route("/health/live", self.live, methods=get, summary="Server liveness")
-        router.add_api_route("/health/ready", self.ready, methods=get, summary="Server readiness")
-        for base in ("/models/{model_name}", "/models/{model_name}/versions/{model_version}"):
-            router.add_api_route(base, self.metadata, methods=get, summary="Model metadata")
+        router.add_api_route(
+            "", self.server_metadata, methods=get, summary="Server metadata", responses=_errors(401)
+        )
+        for path, handler, summary in (
+            ("/health/live", self.live, "Server liveness"),
+            ("/health/ready", self.ready, "Server readiness"),
+        ):
             router.add_api_route(
-                base + "/ready", self.model_ready, methods=get, summary="Model readiness"
+                path, handler, methods=get, summary=summary, responses=_errors(401, 503)
+            )
+        for base in ("/models/{model_name}", "/models/{model_name}/versions/{model_version}"):
+            router.add_api_route(
+                base, self.metadata, methods=get, summary="Model metadata", responses=MODEL_ERRORS
+            )
+            router.add_api_route(
+                base + "/ready",
+                self.model_ready,
+                methods=get,
+                summary="Model readiness",
+                responses=MODEL_ERRORS,
             )
             router.add_api_route(
                 base + "/infer",
                 self.infer,
                 methods=["POST"],
                 summary="Inference: UINT8 pixels or BYTES images in; logits, embedding out",
+                responses={**INFER_OK, **INFER_ERRORS},
                 openapi_extra=INFER_DOCS,
             )
         return router
@@ -110,18 +156,15 @@ class V2HttpApi:
         lease = Lease(self.requests.body_budget)
         try:
             async with self.requests.counted(ENDPOINT) as tally:
-                self.model.package(model_name, model_version)  # 404 before the body is read
+                package = self.model.package(model_name, model_version)  # 404 first
                 self.requests.runtime.admit()
                 body = await self.requests.read_body(request, lease)
                 parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
                 plan = self.model.plan(model_name, model_version, parsed)
                 results = await self.requests.run(plan.images, request)
-                response = render_response(
-                    model_name,
-                    model_version or self.model.metadata(model_name)["versions"][0],
-                    parsed.id,
-                    self.model.render(plan, results),
-                )
+                outputs = self.model.render(plan, results)
+                version = package.manifest.version
+                response = render_response(model_name, version, parsed.id, outputs)
                 response.headers["Server-Timing"] = server_timing(
                     results, time.perf_counter() - started
                 )

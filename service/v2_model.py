@@ -73,6 +73,9 @@ class V2Model:
         return package
 
     def model_ready(self, name: str, version: str = "") -> bool:
+        """False while loading (the name cannot be checked yet); 404 for another model."""
+        if self.runtime.package is None:
+            return False
         self.package(name, version)
         return self.ready
 
