@@ -3,9 +3,9 @@
 
 Per image the work is decode + resize + crop, then ONNX Runtime. The throughput ceiling
 decodes a batch on a pool of `decode_workers` threads, then runs it, batch after batch,
-in `max_concurrent_batches` loops at once (each batch that overlaps another runs on the
-engine's single-threaded session, as in the server), and is the best of one loop and
-that many; the single-image time does one image at a time on one thread.
+in as many loops at once as the server runs batches (each on its own engine instance, as
+in the server), and is the best of one loop and that many; the single-image time does one
+image at a time on one thread.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings
-from service.engine import EngineOptions, InferenceEngine, choose_variant, resolve_providers
+from service.engine import CUDA, EngineOptions, InferenceEngine, choose_variant, resolve_providers
 from service.model_package import ModelPackage, Precision
+from service.policy import device_policy
 from service.preprocess import ImagePreprocessor
 
 
@@ -27,19 +28,20 @@ class InProcess:
     def __init__(self, model_dir: Path, precision: Precision, settings: Settings) -> None:
         package = ModelPackage.load(model_dir)
         providers = resolve_providers(settings.providers)
-        threads = settings.thread_plan()  # the server's own plan, for a fair comparison
+        threads = settings.thread_plan(gpu=CUDA in providers)  # the server's own plan
         self.precision, path, _ = choose_variant(package, precision, providers)
         self.engine = InferenceEngine(
             path,
             EngineOptions(
                 providers=providers,
+                instances=threads.instances,
                 intra_op_threads=threads.intra_op_threads,
+                solo_threads=threads.solo_threads,
                 inter_op_threads=settings.inter_op_threads,
                 allow_spinning=threads.spinning,
-                concurrent_runs=settings.max_concurrent_batches,
             ),
         )
-        self.concurrency = settings.max_concurrent_batches
+        self.concurrency = device_policy(settings, threads, self.engine.device).concurrent_batches
         self.preprocess = ImagePreprocessor(
             package.manifest.preprocessing, settings.max_image_pixels
         )
@@ -50,7 +52,7 @@ class InProcess:
         self.pool.shutdown()
 
     def throughput(self, jpegs: list[bytes], batch_size: int, seconds: float) -> float:
-        """Images/s, the best of one decode-then-run loop and `max_concurrent_batches`."""
+        """Images/s, the best of one decode-then-run loop and one per concurrent batch."""
         rates = [self._throughput(jpegs, batch_size, seconds, 1)]
         if self.concurrency > 1:
             rates.append(self._throughput(jpegs, batch_size, seconds, self.concurrency))
