@@ -95,3 +95,38 @@ class InProcess:
             "decode_ms": statistics.median(decode) * 1000,
             "infer_batch1_ms": statistics.median(infer) * 1000,
         }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the ceiling as JSON: run under `taskset` to measure it on some of the cores."""
+    import argparse
+    import json
+
+    from loadtests import images
+    from loadtests.cli import settings_from_flags
+
+    parser = argparse.ArgumentParser(prog="python -m loadtests.ceiling", description=__doc__)
+    parser.add_argument("--model-dir", type=Path, default=Path("models/resnet50"))
+    parser.add_argument("--precision", default="int8")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--server-args", default="", help="resnet-serve flags that apply")
+    args = parser.parse_args(argv)
+    settings = settings_from_flags(args.server_args.split())
+    inproc = InProcess(args.model_dir, Precision(args.precision), settings)
+    try:
+        small = images.small_jpegs()
+        batch_size = inproc.best_batch_size(small, (1, 2, 4, 8, 16), 1.5)
+        result = {
+            "batch_size": batch_size,
+            "images_per_s": inproc.throughput(small, batch_size, args.seconds),
+            **inproc.single_image(small, 20),
+            "threads": settings.thread_plan().describe(),
+        }
+    finally:
+        inproc.close()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ensure_package(args.model_dir, precisions)
         server_args = args.server_args.split()
-        settings = Settings(**_settings_overrides(server_args))
+        settings = settings_from_flags(server_args)
         for precision in precisions:
             print(f"[{precision}]", flush=True)
             report["runs"][precision] = measure_precision(
@@ -516,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _settings_overrides(server_args: list[str]) -> dict[str, Any]:
-    """The server flags that change the ceiling's thread settings, as Settings fields."""
+def settings_from_flags(server_args: list[str]) -> Settings:
+    """The settings a server started with these flags has (for the ceiling's threads)."""
     from service.cli import build_parser as server_parser
 
-    return vars(server_parser().parse_args(server_args))
+    return Settings(**vars(server_parser().parse_args(server_args)))

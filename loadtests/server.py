@@ -72,10 +72,13 @@ def running_server(
     log_path: Path,
     timeout_s: float = 120,
     cwd: Path | None = None,
+    prefix: list[str] | None = None,
 ) -> contextlib.AbstractContextManager[tuple[str, int, int]]:
-    """`resnet-serve` (from `cwd`'s checkout when given, e.g. an older commit to compare)."""
+    """`resnet-serve` (from `cwd`'s checkout when given, e.g. an older commit to compare;
+    behind `prefix` when given, e.g. `taskset -c 0`)."""
     port = free_port()
     command = [
+        *(prefix or []),
         sys.executable, "-m", "service.cli",
         "--model-dir", str(Path(model_dir).resolve()),
         "--precision", precision,
