@@ -64,11 +64,12 @@ class Settings(BaseSettings):
     # --- batching
     max_batch_size: int = Field(8, ge=1, le=1024, description="images per engine run, at most")
     max_queue_delay_ms: float = Field(
-        5.0,
+        0.0,
         ge=0,
         description="how long a partial batch may wait for more images: right after a "
-        "batch (for the queue to refill to that batch's size) or while another batch runs; "
-        "an idle engine takes work at once",
+        "batch (for the queue to refill to that batch's size) or while another batch runs. "
+        "0: a free engine takes whatever is queued at once, which won under open-loop "
+        "(Poisson) load; a few ms can pay when clients resend in lockstep",
     )
     max_queue_size: int = Field(
         256, ge=1, description="images admitted and not yet running; beyond it: 429"

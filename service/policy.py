@@ -2,9 +2,11 @@
 
 - Concurrent batches: on CPUs one per engine instance, each on its own cores; on GPUs two,
   so the next batch is copied to the device while the current one computes.
-- Partial batches beside a running one: on a GPU, or when every running batch has its own
-  instance. When batches must share an instance's cores, a second batch only slows the
-  first, so only a full one may start beside it.
+- Partial batches beside a running one: on GPUs, after `max_queue_delay`. On CPUs only a
+  full batch starts beside a running one: the first batch of a quiet spell runs alone on
+  every core (the lowest latency), and a second one would take cores from it; once a full
+  batch waits, there is a backlog, and batches on instances of their own serve more per
+  core (no waiting on each other's thread barriers).
 - Decoding: on CPUs as the first step of each batch (decoding and inference share the cores,
   and overlapping them only makes each slower); on GPUs before queueing, while the GPU runs.
 - Warm-up: every batch size on GPUs (each shape gets its own kernel search), powers of two
@@ -38,7 +40,7 @@ def device_policy(settings: Settings, plan: ThreadPlan, device: str) -> DevicePo
     return DevicePolicy(
         device=device,
         concurrent_batches=concurrency,
-        partial_batches_while_busy=not on_cpu or plan.instances >= concurrency,
+        partial_batches_while_busy=not on_cpu,
         decode_in_batch=not (overlap if overlap is not None else not on_cpu),
         warmup_sizes=settings.warmup_batch_sizes or warmup_sizes(settings.max_batch_size, on_cpu),
     )

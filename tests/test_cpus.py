@@ -140,11 +140,12 @@ def test_info_shows_the_plan(resnet18_package: Path) -> None:
 @pytest.mark.parametrize(
     ("cpus", "flags", "device", "expected"),
     [
-        (2.0, {}, "cpu", (1, True, True)),
-        (16.0, {}, "cpu", (4, True, True)),
-        (2.0, {"max_concurrent_batches": 2}, "cpu", (2, False, True)),  # two share one instance
-        (2.0, {"engine_instances": 2}, "cpu", (2, True, True)),
+        (2.0, {}, "cpu", (1, False, True)),
+        (16.0, {}, "cpu", (4, False, True)),
+        (2.0, {"max_concurrent_batches": 2}, "cpu", (2, False, True)),
+        (2.0, {"engine_instances": 2}, "cpu", (2, False, True)),
         (16.0, {}, "cuda", (2, True, False)),
+        (16.0, {"max_concurrent_batches": 3, "overlap_decode": False}, "cuda", (3, True, True)),
     ],
 )
 def test_the_device_policy_follows_the_plan(
