@@ -176,6 +176,8 @@ def test_images_the_client_cannot_send_are_refused_before_any_request(client: Cl
         client.predict(np.zeros((8, 8, 2), dtype=np.uint8))
     with pytest.raises(TypeError, match=r"images\[1\] is a int"):
         client.predict([png(), 42])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"images\[0\] is a int"):
+        client.predict(42)  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError):
         client.predict("/nonexistent/cat.jpg")
 
@@ -530,6 +532,19 @@ def test_other_errors_are_not_retried(
     assert len(script.seen) == 1
 
 
+def test_a_success_that_is_not_the_service_s_reply_is_a_bad_reply(
+    scripted: tuple[str, Script], script: Script
+) -> None:
+    page = (200, {"content-type": "text/html"}, b"<html>captive portal</html>")
+    wrong_dim = (200, {}, EMBED_BODY.replace(b'"dim":2', b'"dim":3'))
+    with Client(scripted[0], retries=FAST) as http:
+        for reply, call in ((page, http.predict), (page, http.embed), (wrong_dim, http.embed)):
+            script.replies[:] = [reply]
+            with pytest.raises(ServiceError) as caught:
+                call(png())
+            assert (caught.value.status, caught.value.code) == (200, "bad_reply")
+
+
 def test_the_async_client_retries_the_same_way(
     scripted: tuple[str, Script], script: Script
 ) -> None:
@@ -594,6 +609,8 @@ def test_delays_honour_retry_after_back_off_exponentially_and_stay_in_budget() -
 
 def test_retry_after_header_forms() -> None:
     assert retry_after("2") == 2.0
+    assert retry_after(" 1.5 ") == 1.5
+    assert retry_after("-1") is None
     assert retry_after(None) is None
     assert retry_after("soon") is None
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: at once

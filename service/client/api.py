@@ -97,31 +97,35 @@ def connection_failure(exc: httpx.TransportError, call: Call) -> ConnectionFaile
 
 
 def predictions(response: httpx.Response) -> list[list[Prediction]]:
-    return [
-        [Prediction(str(p["label"]), int(p["index"]), float(p["score"])) for p in image]
-        for image in _json(response)["predictions"]
-    ]
+    try:
+        return [
+            [Prediction(str(p["label"]), int(p["index"]), float(p["score"])) for p in image]
+            for image in response.json()["predictions"]
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad_reply(response, exc) from exc
 
 
 def embeddings(response: httpx.Response) -> np.ndarray:
     """An (images, dim) float32 array, row i for image i."""
     import numpy as np
 
-    body = _json(response)
-    dim = int(body["dim"])
-    rows = [np.frombuffer(base64.b64decode(text), dtype="<f4") for text in body["embeddings"]]
-    if any(row.shape != (dim,) for row in rows):
-        raise ServiceError("an embedding does not have the announced dimension", code="bad_reply")
+    try:
+        body = response.json()
+        dim = int(body["dim"])
+        rows = [np.frombuffer(base64.b64decode(text), dtype="<f4") for text in body["embeddings"]]
+        if not rows or any(row.shape != (dim,) for row in rows):
+            raise ValueError(f"expected vectors of {dim} float32 values")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad_reply(response, exc) from exc
     return np.stack(rows).astype(np.float32, copy=False)  # native byte order
 
 
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise ServiceError(
-            f"the server's reply is not JSON: {exc}",
-            status=response.status_code,
-            code="bad_reply",
-            request_id=response.headers.get("x-request-id"),
-        ) from exc
+def bad_reply(response: httpx.Response, error: Exception) -> ServiceError:
+    """A 2xx that is not what this API answers (a proxy's page, another service)."""
+    return ServiceError(
+        f"the reply is not the service's: {type(error).__name__}: {error}"[:300],
+        status=response.status_code,
+        code="bad_reply",
+        request_id=response.headers.get("x-request-id"),
+    )

@@ -35,8 +35,8 @@ def encode_all(images: Images) -> list[bytes]:
     array is a batch: one image per leading index)."""
     if _is_array_batch(images):
         items = list(cast(Iterable[Any], images))
-    elif _is_one_image(images):
-        items = [images]
+    elif _is_one_image(images) or not isinstance(images, Iterable):
+        items = [images]  # encode() says what it cannot send
     else:
         items = list(cast(Iterable[Any], images))
     if not items:
