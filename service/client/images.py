@@ -25,7 +25,8 @@ else:
 
 Images: TypeAlias = "ImageInput | Iterable[ImageInput]"
 
-# Level 1 of 9: a 224x224 photo encodes in a few ms rather than tens; PNG is lossless at any level.
+# zlib level 1, not Pillow's 6: 3-4x faster for ~5-20% more bytes (a 224x224 photo: 7 ms
+# rather than 19 on this machine); lossless at any level.
 _PNG_LEVEL = 1
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"})
 
