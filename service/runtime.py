@@ -28,7 +28,6 @@ from service.config import Settings
 from service.engine import (
     EngineOptions,
     InferenceEngine,
-    choose_variant,
     default_warmup_sizes,
     resolve_providers,
 )
@@ -43,6 +42,7 @@ from service.limits import PixelBudget
 from service.metrics import ServiceMetrics
 from service.model_package import ModelPackage, Precision
 from service.preprocess import ImagePreprocessor
+from service.providers import check_providers, open_variant
 
 log = logging.getLogger("resnet_serve")
 
@@ -63,7 +63,8 @@ class ImageOutput:
 class Engine(Protocol):
     """What the runtime needs of an engine (the real one, or a test double)."""
 
-    providers: list[str]
+    providers: list[str]  # what the session got
+    providers_requested: list[str]  # what it was created with (`auto` resolved)
     device: str
 
     def run(self, batch: np.ndarray) -> Outputs: ...
@@ -98,6 +99,8 @@ class Served:
     providers: list[str]
     device: str
     warnings: list[str] = field(default_factory=list)
+    providers_requested: list[str] = field(default_factory=list)
+    gpu_fallback: str | None = None  # why a GPU that was asked for is not in use
 
 
 def load_onnx_engine(
@@ -105,8 +108,6 @@ def load_onnx_engine(
 ) -> tuple[Engine, Precision, list[str]]:
     providers = resolve_providers(settings.providers)
     threads = settings.thread_plan()
-    precision, path, warnings = choose_variant(package, settings.precision, providers)
-    package.verify(precision)  # the graph is the one the manifest's SHA-256 names
     options = EngineOptions(
         providers=providers,
         device_id=settings.device_id,
@@ -115,7 +116,10 @@ def load_onnx_engine(
         allow_spinning=threads.spinning,
         concurrent_runs=settings.max_concurrent_batches,
     )
-    return InferenceEngine(path, options), precision, warnings
+    # The variant follows the providers the session got, not those asked for.
+    return open_variant(
+        package, settings.precision, providers, lambda path: InferenceEngine(path, options)
+    )
 
 
 class Runtime:
@@ -192,7 +196,11 @@ class Runtime:
         manifest = package.manifest
         self.package = package
         engine, precision, warnings = self._engine_factory(self.settings, package)
-        self.served = Served(precision, list(engine.providers), engine.device, warnings)
+        report = check_providers(engine.providers_requested, engine.providers)
+        self.served = Served(
+            precision, list(engine.providers), engine.device, warnings,
+            list(report.requested), report.reason,
+        )  # fmt: skip
         for warning in warnings:
             log.warning(warning)
         if not manifest.trained:
@@ -225,6 +233,8 @@ class Runtime:
                 "precision": str(precision),
                 "trained": str(manifest.trained).lower(),
                 "device": engine.device,
+                "providers": ",".join(engine.providers),
+                "gpu_fallback": str(report.gpu_fallback).lower(),
             }
         )
         log.info(
