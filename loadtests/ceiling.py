@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings
-from service.engine import EngineOptions, InferenceEngine, choose_variant, resolve_providers
+from service.engine import EngineOptions, InferenceEngine, resolve_providers
 from service.model_package import ModelPackage, Precision
 from service.preprocess import ImagePreprocessor
+from service.providers import open_variant
 
 
 class InProcess:
@@ -28,16 +29,16 @@ class InProcess:
         package = ModelPackage.load(model_dir)
         providers = resolve_providers(settings.providers)
         threads = settings.thread_plan()  # the server's own plan, for a fair comparison
-        self.precision, path, _ = choose_variant(package, precision, providers)
-        self.engine = InferenceEngine(
-            path,
-            EngineOptions(
-                providers=providers,
-                intra_op_threads=threads.intra_op_threads,
-                inter_op_threads=settings.inter_op_threads,
-                allow_spinning=threads.spinning,
-                concurrent_runs=settings.max_concurrent_batches,
-            ),
+        options = EngineOptions(
+            providers=providers,
+            intra_op_threads=threads.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            allow_spinning=threads.spinning,
+            concurrent_runs=settings.max_concurrent_batches,
+        )
+        # The server's own choice: the variant follows the providers the session got.
+        self.engine, self.precision, _ = open_variant(
+            package, precision, providers, lambda path: InferenceEngine(path, options)
         )
         self.concurrency = settings.max_concurrent_batches
         self.preprocess = ImagePreprocessor(
