@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings
-from service.engine import CUDA, EngineOptions, InferenceEngine, choose_variant, resolve_providers
+from service.engine import CUDA, EngineOptions, InferenceEngine, resolve_providers
 from service.model_package import ModelPackage, Precision
 from service.policy import device_policy
 from service.preprocess import ImagePreprocessor
+from service.providers import open_variant
 
 
 class InProcess:
@@ -29,17 +30,17 @@ class InProcess:
         package = ModelPackage.load(model_dir)
         providers = resolve_providers(settings.providers)
         threads = settings.thread_plan(gpu=CUDA in providers)  # the server's own plan
-        self.precision, path, _ = choose_variant(package, precision, providers)
-        self.engine = InferenceEngine(
-            path,
-            EngineOptions(
-                providers=providers,
-                instances=threads.instances,
-                intra_op_threads=threads.intra_op_threads,
-                solo_threads=threads.solo_threads,
-                inter_op_threads=settings.inter_op_threads,
-                allow_spinning=threads.spinning,
-            ),
+        options = EngineOptions(
+            providers=providers,
+            instances=threads.instances,
+            intra_op_threads=threads.intra_op_threads,
+            solo_threads=threads.solo_threads,
+            inter_op_threads=settings.inter_op_threads,
+            allow_spinning=threads.spinning,
+        )
+        # The server's own choice: the variant follows the providers the session got.
+        self.engine, self.precision, _ = open_variant(
+            package, precision, providers, lambda path: InferenceEngine(path, options)
         )
         self.concurrency = device_policy(settings, threads, self.engine.device).concurrent_batches
         self.preprocess = ImagePreprocessor(

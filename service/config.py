@@ -78,9 +78,11 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=64,
-        description="batches running on the engine at once, on CPUs and GPUs alike "
-        "(default: one per engine instance on CPUs; 2 on GPUs, so the next batch's copy to "
-        "the GPU overlaps the current one's compute)",
+        description="batches running on the engine at once (default: the number of engine "
+        "instances on CPUs, 2 on GPUs). CPUs: one batch per engine instance; a batch starts "
+        "beside a running one only when a full batch is waiting. GPUs: concurrent runs on "
+        "one session, each on its own CUDA stream, so the next batch is queued while the "
+        "last one's results are copied back",
     )
     request_timeout_ms: float = Field(
         30_000, gt=0, description="per-request deadline from arrival; beyond it: 504"

@@ -50,15 +50,6 @@ def resolve_providers(requested: Sequence[str]) -> list[str]:
     return list(requested)
 
 
-def cuda_provider_options(device_id: int) -> dict[str, str]:
-    return {
-        "device_id": str(device_id),
-        # Batch shapes repeat, so searching once per shape pays off.
-        "cudnn_conv_algo_search": "EXHAUSTIVE",
-        "do_copy_in_default_stream": "1",
-    }
-
-
 def choose_variant(
     package: ModelPackage, requested: Precision, providers: Sequence[str]
 ) -> tuple[Precision, Path, list[str]]:
@@ -85,6 +76,14 @@ def choose_variant(
     return precision, path, warnings
 
 
+def cuda_options(device_id: int) -> dict[str, str]:
+    """The CUDA provider's options: only the device. Its documented defaults are the ones
+    we want (docs/operations.md, "GPU"): `cudnn_conv_algo_search` EXHAUSTIVE, searched
+    once per input shape, i.e. once per batch size during warm-up;
+    `do_copy_in_default_stream` 1, copies on the compute stream (0 risks data races)."""
+    return {"device_id": str(device_id)}
+
+
 class InferenceEngine:
     """ONNX Runtime over a graph with a uint8 image input and two outputs.
 
@@ -99,8 +98,9 @@ class InferenceEngine:
 
     def __init__(self, model_path: Path, options: EngineOptions) -> None:
         providers = resolve_providers(options.providers)
+        self.providers_requested = providers  # `self.providers`: what the session got
         provider_options = [
-            cuda_provider_options(options.device_id) if name == CUDA else {} for name in providers
+            cuda_options(options.device_id) if name == CUDA else {} for name in providers
         ]
 
         def open_session(intra_op_threads: int) -> ort.InferenceSession:

@@ -206,6 +206,9 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
             "precision": str(served.precision),
             "requested_precision": str(settings.precision),
             "execution_providers": served.providers,
+            "providers_requested": served.providers_requested,
+            "gpu_fallback": served.gpu_fallback is not None,
+            "gpu_fallback_reason": served.gpu_fallback,
             "device": served.device,
             "warnings": served.warnings,
         }

@@ -29,7 +29,6 @@ from service.engine import (
     CUDA,
     EngineOptions,
     InferenceEngine,
-    choose_variant,
     resolve_providers,
 )
 from service.errors import (
@@ -44,6 +43,7 @@ from service.metrics import ServiceMetrics
 from service.model_package import ModelPackage, Precision
 from service.policy import DevicePolicy, device_policy
 from service.preprocess import ImagePreprocessor
+from service.providers import check_providers, open_variant
 
 log = logging.getLogger("resnet_serve")
 
@@ -64,7 +64,8 @@ class ImageOutput:
 class Engine(Protocol):
     """What the runtime needs of an engine (the real one, or a test double)."""
 
-    providers: list[str]
+    providers: list[str]  # what the session got
+    providers_requested: list[str]  # what it was created with (`auto` resolved)
     device: str
 
     def run(self, batch: np.ndarray) -> Outputs: ...
@@ -99,6 +100,8 @@ class Served:
     providers: list[str]
     device: str
     warnings: list[str] = field(default_factory=list)
+    providers_requested: list[str] = field(default_factory=list)
+    gpu_fallback: str | None = None  # why a GPU that was asked for is not in use
 
 
 def load_onnx_engine(
@@ -106,8 +109,6 @@ def load_onnx_engine(
 ) -> tuple[Engine, Precision, list[str]]:
     providers = resolve_providers(settings.providers)
     threads = settings.thread_plan(gpu=CUDA in providers)
-    precision, path, warnings = choose_variant(package, settings.precision, providers)
-    package.verify(precision)  # the graph is the one the manifest's SHA-256 names
     options = EngineOptions(
         providers=providers,
         device_id=settings.device_id,
@@ -117,7 +118,10 @@ def load_onnx_engine(
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=threads.spinning,
     )
-    return InferenceEngine(path, options), precision, warnings
+    # The variant follows the providers the session got, not those asked for.
+    return open_variant(
+        package, settings.precision, providers, lambda path: InferenceEngine(path, options)
+    )
 
 
 class Runtime:
@@ -196,7 +200,11 @@ class Runtime:
         manifest = package.manifest
         self.package = package
         engine, precision, warnings = self._engine_factory(self.settings, package)
-        self.served = Served(precision, list(engine.providers), engine.device, warnings)
+        report = check_providers(engine.providers_requested, engine.providers)
+        self.served = Served(
+            precision, list(engine.providers), engine.device, warnings,
+            list(report.requested), report.reason,
+        )  # fmt: skip
         for warning in warnings:
             log.warning(warning)
         if not manifest.trained:
@@ -227,6 +235,8 @@ class Runtime:
                 "precision": str(precision),
                 "trained": str(manifest.trained).lower(),
                 "device": engine.device,
+                "providers": ",".join(engine.providers),
+                "gpu_fallback": str(report.gpu_fallback).lower(),
             }
         )
         log.info(
