@@ -408,14 +408,9 @@ def measure_precision(
     """Everything for one variant: the open-loop comparison, then the ceiling rounds."""
     run: dict[str, Any] = {}
     inproc = InProcess(args.model_dir, Precision(precision), settings)
+    log = args.out / "logs" / f"{SERVICE}-{precision}.log"
     try:
-        with contextlib.ExitStack() as stack:
-            log_dir = args.out / "logs"
-            host, port, _ = stack.enter_context(
-                running_server(
-                    args.model_dir, precision, server_args, log_dir / f"{SERVICE}-{precision}.log"
-                )
-            )
+        with running_server(args.model_dir, precision, server_args, log) as (host, port, _):
             concurrency = None
             if args.naive:
                 run["open_loop"] = compare_open_loop(args, precision, (host, port), small)
