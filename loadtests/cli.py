@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--url", help="measure an already running server instead of starting one (no ceiling)"
     )
-    parser.add_argument("--concurrency", default="1,4,8,16", help="closed-loop levels")
+    parser.add_argument("--concurrency", default="4,8,16", help="closed-loop levels")
     parser.add_argument(
         "--loads",
         default="0.5,0.8,0.95",
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per closed-loop level")
     parser.add_argument(
-        "--open-rounds", type=int, default=3, help="open-loop rounds (servers' order alternated)"
+        "--open-rounds", type=int, default=2, help="open-loop rounds (servers' order alternated)"
     )
     parser.add_argument(
         "--requests-per-point",
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open-loop requests per server, load and round, by precision",
     )
     parser.add_argument(
-        "--max-point-s", type=float, default=40.0, help="seconds per open-loop point, at most"
+        "--max-point-s", type=float, default=45.0, help="seconds per open-loop point, at most"
     )
     parser.add_argument(
         "--also",
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--warmup", type=float, default=1.5, help="warm-up seconds per level")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="interleaved ceiling/served rounds per precision"
+        "--rounds", type=int, default=2, help="interleaved ceiling/served rounds per precision"
     )
     parser.add_argument(
         "--large", action=argparse.BooleanOptionalAction, default=True,
