@@ -41,8 +41,9 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY model_export/ model_export/
 # The CPU build of the pinned torch (2.14.1+cpu satisfies torch==2.14.1): no CUDA libraries.
+# `export` brings no ONNX Runtime of its own: `cpu` gives it the CPU build.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt ".[export]" \
+    && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt ".[cpu,export]" \
     && groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --no-create-home --home-dir /tmp app \
     && mkdir -p /models && chown app:app /models

@@ -3,9 +3,9 @@
 
 Per image the work is decode + resize + crop, then ONNX Runtime. The throughput ceiling
 decodes a batch on a pool of `decode_workers` threads, then runs it, batch after batch,
-in `max_concurrent_batches` loops at once (each batch that overlaps another runs on the
-engine's single-threaded session, as in the server), and is the best of one loop and
-that many; the single-image time does one image at a time on one thread.
+in as many loops at once as the server runs batches (each on its own engine instance, as
+in the server), and is the best of one loop and that many; the single-image time does one
+image at a time on one thread.
 """
 
 from __future__ import annotations
@@ -18,28 +18,31 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings
-from service.engine import EngineOptions, InferenceEngine, choose_variant, resolve_providers
+from service.engine import CUDA, EngineOptions, InferenceEngine, resolve_providers
 from service.model_package import ModelPackage, Precision
+from service.policy import device_policy
 from service.preprocess import ImagePreprocessor
+from service.providers import open_variant
 
 
 class InProcess:
     def __init__(self, model_dir: Path, precision: Precision, settings: Settings) -> None:
         package = ModelPackage.load(model_dir)
         providers = resolve_providers(settings.providers)
-        threads = settings.thread_plan()  # the server's own plan, for a fair comparison
-        self.precision, path, _ = choose_variant(package, precision, providers)
-        self.engine = InferenceEngine(
-            path,
-            EngineOptions(
-                providers=providers,
-                intra_op_threads=threads.intra_op_threads,
-                inter_op_threads=settings.inter_op_threads,
-                allow_spinning=threads.spinning,
-                concurrent_runs=settings.max_concurrent_batches,
-            ),
+        threads = settings.thread_plan(gpu=CUDA in providers)  # the server's own plan
+        options = EngineOptions(
+            providers=providers,
+            instances=threads.instances,
+            intra_op_threads=threads.intra_op_threads,
+            solo_threads=threads.solo_threads,
+            inter_op_threads=settings.inter_op_threads,
+            allow_spinning=threads.spinning,
         )
-        self.concurrency = settings.max_concurrent_batches
+        # The server's own choice: the variant follows the providers the session got.
+        self.engine, self.precision, _ = open_variant(
+            package, precision, providers, lambda path: InferenceEngine(path, options)
+        )
+        self.concurrency = device_policy(settings, threads, self.engine.device).concurrent_batches
         self.preprocess = ImagePreprocessor(
             package.manifest.preprocessing, settings.max_image_pixels
         )
@@ -50,7 +53,7 @@ class InProcess:
         self.pool.shutdown()
 
     def throughput(self, jpegs: list[bytes], batch_size: int, seconds: float) -> float:
-        """Images/s, the best of one decode-then-run loop and `max_concurrent_batches`."""
+        """Images/s, the best of one decode-then-run loop and one per concurrent batch."""
         rates = [self._throughput(jpegs, batch_size, seconds, 1)]
         if self.concurrency > 1:
             rates.append(self._throughput(jpegs, batch_size, seconds, self.concurrency))
@@ -93,3 +96,38 @@ class InProcess:
             "decode_ms": statistics.median(decode) * 1000,
             "infer_batch1_ms": statistics.median(infer) * 1000,
         }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the ceiling as JSON: run under `taskset` to measure it on some of the cores."""
+    import argparse
+    import json
+
+    from loadtests import images
+    from loadtests.cli import settings_from_flags
+
+    parser = argparse.ArgumentParser(prog="python -m loadtests.ceiling", description=__doc__)
+    parser.add_argument("--model-dir", type=Path, default=Path("models/resnet50"))
+    parser.add_argument("--precision", default="int8")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--server-args", default="", help="resnet-serve flags that apply")
+    args = parser.parse_args(argv)
+    settings = settings_from_flags(args.server_args.split())
+    inproc = InProcess(args.model_dir, Precision(args.precision), settings)
+    try:
+        small = images.small_jpegs()
+        batch_size = inproc.best_batch_size(small, (1, 2, 4, 8, 16), 1.5)
+        result = {
+            "batch_size": batch_size,
+            "images_per_s": inproc.throughput(small, batch_size, args.seconds),
+            **inproc.single_image(small, 20),
+            "threads": settings.thread_plan().describe(),
+        }
+    finally:
+        inproc.close()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

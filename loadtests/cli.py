@@ -1,15 +1,21 @@
-"""`python -m loadtests` (`make bench`): measure the service against its in-process ceiling.
+"""`python -m loadtests` (`make bench`): measure the service against a naive server and
+against its in-process ceiling.
 
-For each precision: the ceiling (no HTTP), then a server of that package: lone-request
-latency, closed-loop saturation over concurrency levels (raw JPEG bodies, then multipart),
-open-loop Poisson load at fractions of saturation, and for INT8 12-megapixel photos. The
-ratios the project targets are printed, written as JSON and plotted.
+For each precision, `resnet-serve` and the naive baseline (loadtests/naive.py) run side by
+side on the same package. The headline (loadtests/openloop.py): each one's saturation, then
+open-loop Poisson load at 50/80/95% of the naive server's saturation, in rounds with the
+servers' order alternated, every figure a ratio to the naive server's. Then, against the
+in-process ceiling of the same work (no HTTP): served/ceiling throughput and lone-request
+latency in interleaved rounds, multipart bodies, and for INT8 12-megapixel photos. The
+ratios the project targets are printed, written as JSON and plotted. `--quick` runs a
+shorter version for iterating.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -17,19 +23,19 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from loadtests import client, images
+from loadtests import client, images, openloop
 from loadtests.ceiling import InProcess
-from loadtests.server import running_server
+from loadtests.server import running_naive, running_server
 from service.config import Settings
 from service.model_package import ModelPackage, Precision
 
-# M/D/1 p99 response time in multiples of the service time S, at 50% and 80% load.
-MD1_P99 = {0.5: 4.3, 0.8: 11.1}
+SERVICE, NAIVE = "resnet-serve", "naive"
 
 
 def parse_floats(text: str) -> list[float]:
@@ -53,17 +59,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--url", help="measure an already running server instead of starting one (no ceiling)"
     )
-    parser.add_argument("--concurrency", default="1,2,4,8,16", help="closed-loop levels")
+    parser.add_argument("--concurrency", default="4,8,16", help="closed-loop levels")
     parser.add_argument(
-        "--loads", default="0.5,0.8", help="open-loop offered load, as fractions of saturation"
+        "--loads",
+        default="0.5,0.8,0.95",
+        help="open-loop offered load, as fractions of the naive server's saturation",
     )
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per closed-loop level")
     parser.add_argument(
-        "--open-duration", type=float, default=15.0, help="seconds per open-loop load"
+        "--open-rounds", type=int, default=2, help="open-loop rounds (servers' order alternated)"
     )
+    parser.add_argument(
+        "--requests-per-point",
+        default="fp32=500,int8=1000,fp16=500",
+        help="open-loop requests per server, load and round, by precision",
+    )
+    parser.add_argument(
+        "--max-point-s", type=float, default=45.0, help="seconds per open-loop point, at most"
+    )
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME[@CHECKOUT]=FLAGS",
+        help="another resnet-serve configuration for the open-loop comparison, e.g. "
+        "'delay0=--max-queue-delay-ms 0', or an older checkout's defaults "
+        "'before@/path/to/checkout='; repeatable",
+    )
+    parser.add_argument(
+        "--naive", action=argparse.BooleanOptionalAction, default=True,
+        help="run the naive baseline and the open-loop comparison",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="a shorter run for iterating: INT8 only, one open-loop round of 300 requests a "
+        "point, one ceiling round, no 12-megapixel photos (unless set otherwise)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=float, default=1.5, help="warm-up seconds per level")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="interleaved ceiling/served rounds per precision"
+        "--rounds", type=int, default=2, help="interleaved ceiling/served rounds per precision"
     )
     parser.add_argument(
         "--large", action=argparse.BooleanOptionalAction, default=True,
@@ -117,29 +151,28 @@ async def measure_server(
     small: list[bytes],
     large: list[bytes] | None,
     inproc: InProcess | None,
+    concurrency: int | None,
 ) -> dict[str, Any]:
-    """Everything measured against one running server. With `inproc`, the ceiling is
-    measured in rounds interleaved with the server's own figures, so each ratio compares
-    two measurements taken seconds apart on this noisy, shared machine."""
+    """The server against its in-process ceiling, at its saturation `concurrency` (found by
+    the open-loop comparison, else here). With `inproc`, the ceiling is measured in rounds
+    interleaved with the server's own figures, so each ratio compares two measurements
+    taken seconds apart on this noisy, shared machine."""
     hostport = f"{host}:{port}"
     raw = [client.raw_request("/predict", body, "image/jpeg", hostport) for body in small]
     multipart = [client.multipart_request("/predict", [body], hostport) for body in small]
     results: dict[str, Any] = {}
-    closed = []
-    for concurrency in parse_floats(args.concurrency):
-        result = await client.closed_loop(
-            host, port, raw, int(concurrency), args.duration, args.warmup
-        )
-        closed.append(result)
-        print(
-            f"  closed loop x{int(concurrency)}: {result.images_per_s:.1f} img/s, "
-            f"p50 {result.percentile_ms(50):.1f} ms, "
-            f"client CPU {result.client_cpu_cores:.2f} cores",
-            flush=True,
-        )
-    results["closed"] = [r.summary() for r in closed]
-    best = max(closed, key=lambda r: r.images_per_s)
-    concurrency = int(best.target)
+    if concurrency is None:
+        closed = []
+        for level in parse_floats(args.concurrency):
+            result = await client.closed_loop(
+                host, port, raw, int(level), args.duration, args.warmup
+            )
+            closed.append(result)
+            print(f"  closed loop x{int(level)}: {result.images_per_s:.1f} img/s", flush=True)
+        results["closed"] = [r.summary() for r in closed]
+        best = max(closed, key=lambda r: r.images_per_s)
+        concurrency = int(best.target)
+        results["saturation_images_per_s"] = best.images_per_s
     results["saturation_concurrency"] = concurrency
     rounds = []
     if inproc is not None:
@@ -172,32 +205,11 @@ async def measure_server(
         results["rounds"] = rounds
         results["served_over_ceiling"] = _median([r["served_over_ceiling"] for r in rounds])
         results["lone_over_single"] = _median([r["lone_over_single"] for r in rounds])
-        results["saturation_images_per_s"] = _median(
-            [best.images_per_s] + [r["served_images_per_s"] for r in rounds]
-        )
-        service_time = _median([r["lone_p50_ms"] for r in rounds])
-    else:
-        results["saturation_images_per_s"] = best.images_per_s
-        lone = await client.closed_loop(host, port, raw, 1, args.duration, args.warmup)
-        service_time = lone.percentile_ms(50)
-    results["lone_p50_ms"] = service_time
+        results["served_images_per_s"] = _median([r["served_images_per_s"] for r in rounds])
+        results["lone_p50_ms"] = _median([r["lone_p50_ms"] for r in rounds])
     mp = await client.closed_loop(host, port, multipart, concurrency, args.duration, args.warmup)
     results["multipart"] = mp.summary()
     print(f"  multipart x{concurrency}: {mp.images_per_s:.1f} img/s", flush=True)
-    opened = []
-    rate_at_saturation = results["saturation_images_per_s"]
-    for load in parse_floats(args.loads):
-        rate = rate_at_saturation * load
-        result = await client.open_loop(host, port, raw, rate, args.open_duration)
-        summary = result.summary() | {"load": load}
-        opened.append(summary)
-        print(
-            f"  open loop {load:.0%} ({rate:.1f} req/s): p50 {result.percentile_ms(50):.1f} "
-            f"p90 {result.percentile_ms(90):.1f} p99 {result.percentile_ms(99):.1f} ms, "
-            f"failed {result.failed}",
-            flush=True,
-        )
-    results["open"] = opened
     if large:
         big = [client.raw_request("/predict", body, "image/jpeg", hostport) for body in large]
         small_again = await client.closed_loop(
@@ -219,50 +231,76 @@ def _median(values: list[float]) -> float:
 
 
 def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of the performance issue with its measured figure."""
+    """Each target of the performance issues with its measured figure."""
     rows = []
     runs = report["runs"]
     for precision, run in runs.items():
         served = run["server"]
+        headline = run.get("open_loop", {}).get("summary", {}).get(SERVICE)
+        if headline:
+            for load, point in headline["loads"].items():
+                bound = 0.7 if float(load) == 0.8 else 1.0
+                rows.append(
+                    {
+                        "target": f"{precision}: p99 at {float(load):.0%} / naive <= {bound}",
+                        "value": point["p99_over_baseline"],
+                        "spread": [point["p99_over_baseline_min"], point["p99_over_baseline_max"]],
+                        "bound": bound,
+                    }
+                )
+            rows.append(
+                {
+                    "target": f"{precision}: saturation / naive >= 1.05",
+                    "value": headline["saturation_over_baseline"],
+                    "bound": 1.05,
+                    "at_least": True,
+                }
+            )
         if "served_over_ceiling" in served:
             rows.append(
                 {
                     "target": f"{precision}: served / in-process ceiling >= 0.95",
                     "value": served["served_over_ceiling"],
+                    "bound": 0.95,
+                    "at_least": True,
                 }
             )
             rows.append(
                 {
                     "target": f"{precision}: lone p50 / in-process single image <= 1.1",
                     "value": served["lone_over_single"],
+                    "bound": 1.1,
                 }
             )
-        for row in served["open"]:
-            bound = MD1_P99.get(row["load"])
-            if bound:
-                rows.append(
-                    {
-                        "target": f"{precision}: p99 at {row['load']:.0%} "
-                        f"/ (1.2 x M/D/1 {bound} S) <= 1",
-                        "value": row["p99_ms"] / (1.2 * bound * served["lone_p50_ms"]),
-                        "failed": row["failed"],
-                    }
-                )
         if "large_over_small" in served:
             rows.append(
                 {
                     "target": f"{precision}: 12MP / 0.2MP saturation >= 0.333",
                     "value": served["large_over_small"],
+                    "bound": 0.333,
+                    "at_least": True,
                 }
             )
-    if "fp32" in runs and "int8" in runs:
+    if (
+        "fp32" in runs
+        and "int8" in runs
+        and all("served_images_per_s" in r["server"] for r in runs.values())
+    ):
         rows.append(
             {
-                "target": "int8 / fp32 served saturation >= 3",
-                "value": runs["int8"]["server"]["saturation_images_per_s"]
-                / runs["fp32"]["server"]["saturation_images_per_s"],
+                "target": "int8 / fp32 served saturation",
+                "value": runs["int8"]["server"]["served_images_per_s"]
+                / runs["fp32"]["server"]["served_images_per_s"],
             }
         )
+    for row in rows:
+        if "bound" in row:
+            met = (
+                row["value"] >= row["bound"]
+                if row.pop("at_least", False)
+                else row["value"] <= row["bound"]
+            )
+            row["met"] = met
     return rows  # fmt: skip
 
 
@@ -275,6 +313,8 @@ def print_table(report: dict[str, Any]) -> None:
     for precision, run in report["runs"].items():
         served = run["server"]
         print(f"\n[{precision}]")
+        if "open_loop" in run:
+            openloop.print_summary(run["open_loop"])
         for row in served.get("rounds", []):
             print(
                 f"  round: ceiling {row['ceiling_images_per_s']:.1f} img/s (batch "
@@ -284,25 +324,14 @@ def print_table(report: dict[str, Any]) -> None:
                 f"lone request p50 {row['lone_p50_ms']:.1f} ms"
             )
         print(
-            f"  served saturation: {served['saturation_images_per_s']:.1f} img/s "
-            f"(x{served['saturation_concurrency']}), "
-            f"multipart {served['multipart']['images_per_s']:.1f}"
+            f"  saturation concurrency x{served['saturation_concurrency']}, "
+            f"multipart {served['multipart']['images_per_s']:.1f} img/s"
         )
-        print("  concurrency  img/s    p50 ms   p99 ms  client cores")
-        for row in served["closed"]:
-            print(
-                f"  {int(row['target']):>11}  {row['images_per_s']:6.1f}  {row['p50_ms']:7.1f}  "
-                f"{row['p99_ms']:7.1f}  {row['client_cpu_cores']:.2f}"
-            )
-        print("  load  offered/s  p50 ms  p90 ms  p99 ms  failed")
-        for row in served["open"]:
-            print(
-                f"  {row['load']:4.0%}  {row['target']:9.1f}  {row['p50_ms']:6.1f}  "
-                f"{row['p90_ms']:6.1f}  {row['p99_ms']:6.1f}  {row['failed']}"
-            )
-    print("\n  target                                                      measured")
+    print("\n  target                                                 measured  met")
     for row in report["ratios"]:
-        print(f"  {row['target']:<60}{row['value']:.3f}")
+        spread = f" [{row['spread'][0]:.2f}-{row['spread'][1]:.2f}]" if "spread" in row else ""
+        met = {True: "yes", False: "NO"}.get(row.get("met"), "")
+        print(f"  {row['target']:<55}{row['value']:7.3f}{spread}  {met}")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -311,32 +340,25 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for precision, run in report["runs"].items():
-        served = run["server"]
-        closed = served["closed"]
-        right.plot(
-            [r["target"] for r in closed],
-            [r["images_per_s"] for r in closed],
-            "o-",
-            label=precision,
-        )
-        if served.get("rounds"):
-            ceiling = _median([r["ceiling_images_per_s"] for r in served["rounds"]])
-            right.axhline(ceiling, linestyle="--", linewidth=1)
-        loads = [r["target"] for r in served["open"]]
-        for q, style in (("p50_ms", "o-"), ("p90_ms", "s--"), ("p99_ms", "^:")):
-            left.plot(loads, [r[q] for r in served["open"]], style, label=f"{precision} {q[:3]}")
-    left.set_xlabel("offered load (requests/s, Poisson)")
-    left.set_ylabel("latency (ms, from scheduled send)")
-    left.set_yscale("log")
-    left.legend(fontsize=8)
-    left.set_title("latency percentiles vs offered load")
-    right.set_xlabel("concurrent clients (closed loop)")
-    right.set_ylabel("images/s")
-    right.set_xscale("log", base=2)
-    right.legend(fontsize=8)
-    right.set_title("throughput vs concurrency (dashed: in-process ceiling)")
+    runs = [(p, r) for p, r in report["runs"].items() if "open_loop" in r]
+    if not runs:
+        return
+    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
+    for axis, (precision, run) in zip(axes[0], runs, strict=True):
+        summary = run["open_loop"]["summary"]
+        base_rate = run["open_loop"]["baseline_requests_per_s"]
+        for name, row in summary.items():
+            loads = [float(load) for load in row["loads"]]
+            rates = [load * base_rate for load in loads]
+            p99 = [point["p99_ms"] for point in row["loads"].values()]
+            p50 = [point["p50_ms"] for point in row["loads"].values()]
+            (line,) = axis.plot(rates, p99, "^-", label=f"{name} p99")
+            axis.plot(rates, p50, "o:", color=line.get_color(), label=f"{name} p50")
+        axis.set_xlabel("offered load (requests/s, Poisson)")
+        axis.set_ylabel("latency (ms, from scheduled send; median of rounds)")
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+        axis.set_title(f"{precision}: open loop vs the naive server")
     figure.suptitle(
         f"resnet-serve on {report['machine']['cpu']} ({report['machine']['cores']} cores)"
     )
@@ -344,8 +366,106 @@ def plot(report: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def apply_quick(args: argparse.Namespace, given: set[str]) -> None:
+    """`--quick`: shorter defaults, each kept where the command line set it."""
+    quick = {
+        "precisions": "int8",
+        "open_rounds": 1,
+        "requests_per_point": "fp32=300,int8=300,fp16=300",
+        "rounds": 1,
+        "large": False,
+        "duration": 4.0,
+        "plot": False,
+    }
+    for name, value in quick.items():
+        if name not in given:
+            setattr(args, name, value)
+
+
+def parse_also(texts: list[str]) -> list[tuple[str, Path | None, list[str]]]:
+    """`NAME[@CHECKOUT]=FLAGS` → (name, checkout, flags)."""
+    configurations = []
+    for text in texts:
+        head, _, flags = text.partition("=")
+        name, _, checkout = head.partition("@")
+        configurations.append((name, Path(checkout) if checkout else None, flags.split()))
+    return configurations
+
+
+def by_precision(text: str) -> dict[str, int]:
+    pairs = (part.split("=") for part in text.split(",") if part.strip())
+    return {key.strip(): int(value) for key, value in pairs}
+
+
+def measure_precision(
+    args: argparse.Namespace,
+    precision: str,
+    server_args: list[str],
+    settings: Settings,
+    small: list[bytes],
+    large: list[bytes] | None,
+) -> dict[str, Any]:
+    """Everything for one variant: the open-loop comparison, then the ceiling rounds."""
+    run: dict[str, Any] = {}
+    inproc = InProcess(args.model_dir, Precision(precision), settings)
+    log = args.out / "logs" / f"{SERVICE}-{precision}.log"
+    try:
+        with running_server(args.model_dir, precision, server_args, log) as (host, port, _):
+            concurrency = None
+            if args.naive:
+                run["open_loop"] = compare_open_loop(args, precision, (host, port), small)
+                concurrency = int(run["open_loop"]["saturation"][SERVICE]["concurrency"])
+            with_large = large if precision == "int8" else None
+            run["server"] = asyncio.run(
+                measure_server(host, port, args, small, with_large, inproc, concurrency)
+            )
+    finally:
+        inproc.close()
+    return run
+
+
+def compare_open_loop(
+    args: argparse.Namespace, precision: str, service: tuple[str, int], small: list[bytes]
+) -> dict[str, Any]:
+    """The headline: the running service, the naive baseline and any `--also`
+    configurations under the same open-loop load; all but the service stop afterwards."""
+    log_dir = args.out / "logs"
+    targets = [openloop.Target(SERVICE, *service)]
+    with contextlib.ExitStack() as stack:
+        host, port, _ = stack.enter_context(
+            running_naive(args.model_dir, precision, log_dir / f"{NAIVE}-{precision}.log")
+        )
+        targets.append(openloop.Target(NAIVE, host, port))
+        for name, checkout, flags in parse_also(args.also):
+            log = log_dir / f"{name}-{precision}.log"
+            server = running_server(args.model_dir, precision, flags, log, cwd=checkout)
+            host, port, _ = stack.enter_context(server)
+            targets.append(openloop.Target(name, host, port))
+        plan = openloop.Plan(
+            loads=parse_floats(args.loads),
+            rounds=args.open_rounds,
+            requests_per_point=by_precision(args.requests_per_point).get(precision, 500),
+            max_point_s=args.max_point_s,
+            concurrency=[int(c) for c in parse_floats(args.concurrency)],
+            closed_s=args.duration,
+            warmup_s=args.warmup,
+        )
+        return asyncio.run(openloop.compare(targets, NAIVE, small, plan))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        given = {
+            action.dest
+            for action in parser._actions
+            if any(
+                option in (argv if argv is not None else sys.argv[1:])
+                for option in action.option_strings
+            )
+        }
+        apply_quick(args, given)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     small = images.small_jpegs()
     large = images.large_jpegs() if args.large else None
@@ -360,34 +480,30 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     if args.url:
         url = httpx.URL(args.url)
         print(f"[{args.url}]", flush=True)
-        served = asyncio.run(measure_server(url.host, url.port or 80, args, small, None, None))
+        served = asyncio.run(
+            measure_server(url.host, url.port or 80, args, small, None, None, None)
+        )
         report["runs"]["server"] = {"server": served}
     else:
         ensure_package(args.model_dir, precisions)
         server_args = args.server_args.split()
-        settings = Settings(**_settings_overrides(server_args))
+        settings = settings_from_flags(server_args)
         for precision in precisions:
             print(f"[{precision}]", flush=True)
-            inproc = InProcess(args.model_dir, Precision(precision), settings)
-            log = args.out / f"server-{precision}.log"
-            try:
-                with running_server(args.model_dir, precision, server_args, log) as (host, port, _):
-                    with_large = large if precision == "int8" else None
-                    served = asyncio.run(
-                        measure_server(host, port, args, small, with_large, inproc)
-                    )
-            finally:
-                inproc.close()
-            report["runs"][precision] = {"server": served}
+            report["runs"][precision] = measure_precision(
+                args, precision, server_args, settings, small, large
+            )
     report["ratios"] = ratios(report)
+    report["wall_s"] = round(time.monotonic() - started, 1)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.out / f"bench-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2))
     print_table(report)
-    print(f"\nreport: {json_path}")
+    print(f"\nreport: {json_path} ({report['wall_s'] / 60:.1f} min)")
     if args.plot:
         png = args.out / f"bench-{stamp}.png"
         plot(report, png)
@@ -395,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _settings_overrides(server_args: list[str]) -> dict[str, Any]:
-    """The server flags that change the ceiling's thread settings, as Settings fields."""
+def settings_from_flags(server_args: list[str]) -> Settings:
+    """The settings a server started with these flags has (for the ceiling's threads)."""
     from service.cli import build_parser as server_parser
 
-    return vars(server_parser().parse_args(server_args))
+    return Settings(**vars(server_parser().parse_args(server_args)))

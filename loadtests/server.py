@@ -1,7 +1,9 @@
-"""Start `resnet-serve` as a separate process for the benchmark, and stop it."""
+"""Start servers as separate processes for the benchmark (`resnet-serve`, the naive
+baseline), and stop them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -40,23 +42,16 @@ def wait_ready(process: subprocess.Popen[Any], port: int, timeout_s: float, hint
 
 
 @contextmanager
-def running_server(
-    model_dir: Path, precision: str, extra_args: list[str], log_path: Path, timeout_s: float = 120
+def running_process(
+    command: list[str], port: int, log_path: Path, timeout_s: float = 120, cwd: Path | None = None
 ) -> Iterator[tuple[str, int, int]]:
-    """Start the server; yields (host, port, pid) once it is ready, stops it on exit."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "service.cli",
-        "--model-dir", str(model_dir),
-        "--precision", precision,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--log-level", "warning",
-        *extra_args,
-    ]  # fmt: skip
+    """Start a server process; yields (host, port, pid) once /readyz answers 200, and
+    stops it (SIGTERM, then SIGKILL) on exit."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=os.environ, cwd=cwd
+        )
         try:
             wait_ready(process, port, timeout_s, f"see {log_path}")
             yield "127.0.0.1", port, process.pid
@@ -68,3 +63,42 @@ def running_server(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(10)
+
+
+def running_server(
+    model_dir: Path,
+    precision: str,
+    extra_args: list[str],
+    log_path: Path,
+    timeout_s: float = 120,
+    cwd: Path | None = None,
+    prefix: list[str] | None = None,
+) -> contextlib.AbstractContextManager[tuple[str, int, int]]:
+    """`resnet-serve` (from `cwd`'s checkout when given, e.g. an older commit to compare;
+    behind `prefix` when given, e.g. `taskset -c 0`)."""
+    port = free_port()
+    command = [
+        *(prefix or []),
+        sys.executable, "-m", "service.cli",
+        "--model-dir", str(Path(model_dir).resolve()),
+        "--precision", precision,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--log-level", "warning",
+        *extra_args,
+    ]  # fmt: skip
+    return running_process(command, port, log_path, timeout_s, cwd)
+
+
+def running_naive(
+    model_dir: Path, precision: str, log_path: Path, timeout_s: float = 120
+) -> contextlib.AbstractContextManager[tuple[str, int, int]]:
+    """The naive baseline server (loadtests/naive.py) on the same package."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "loadtests.naive",
+        "--model-dir", str(model_dir),
+        "--precision", precision,
+        "--port", str(port),
+    ]  # fmt: skip
+    return running_process(command, port, log_path, timeout_s)

@@ -427,6 +427,7 @@ def export(args: argparse.Namespace, progress: Progress) -> Manifest:
                 "onnx",
                 "onnxscript",
                 "onnxruntime",
+                "onnxruntime-gpu",  # whichever ONNX Runtime build is installed
             ),
         )
         publish(staging, out, manifest, loaded.labels)

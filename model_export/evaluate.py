@@ -10,7 +10,7 @@ package's class name or class index; other names are taken in sorted order, torc
 ImageFolder convention, when there is one per class) or a CSV file with a `path,label`
 header (paths relative to the CSV file; a label is a class index or a class name).
 
-Needs onnxruntime, numpy, Pillow, httpx and tqdm (`pip install 'resnet-serve[eval]'`);
+Needs onnxruntime, numpy, Pillow, httpx and tqdm (`pip install 'resnet-serve[cpu,eval]'`);
 never torch.
 """
 

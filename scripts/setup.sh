@@ -5,6 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-cpu,export,dev,bench,tracing,deploy,grpc}"
+# ONNX Runtime comes from exactly one of `cpu` and `gpu` (both install the `onnxruntime`
+# module); no other extra brings it.
+case ",$extras," in
+  *,cpu,*,gpu,* | *,gpu,*,cpu,*)
+    echo "setup: the cpu and gpu extras install two ONNX Runtime builds; choose one" >&2
+    exit 1 ;;
+  *,cpu,* | *,gpu,*) ;;
+  *)
+    echo "setup: add cpu or gpu to the extras ($extras): nothing else installs ONNX Runtime" >&2
+    exit 1 ;;
+esac
 python="${PYTHON:-python3}"
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup: Python 3.11 or newer is needed (found $("$python" --version 2>&1))" >&2

@@ -37,11 +37,20 @@ class Settings(BaseSettings):
         "separated; 'auto' = CUDAExecutionProvider when available, then CPUExecutionProvider",
     )
     device_id: int = Field(0, ge=0, description="GPU index for the CUDA provider")
+    engine_instances: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="engine instances (ONNX Runtime sessions) that run batches side by side "
+        "(0: on CPUs one per 4 CPUs this process may use, at least one; on GPUs one). With "
+        "several, a batch that runs alone gets an extra session with every CPU",
+    )
     intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime threads per inference (0: one per CPU this process may "
-        "use: the smallest of its cgroup CPU quota and its affinity mask)",
+        description="ONNX Runtime threads of each engine instance (0: the CPUs this process "
+        "may use, the smallest of its cgroup CPU quota and its affinity mask, shared evenly "
+        "among the instances)",
     )
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads")
     allow_spinning: bool | None = Field(
@@ -55,22 +64,25 @@ class Settings(BaseSettings):
     # --- batching
     max_batch_size: int = Field(8, ge=1, le=1024, description="images per engine run, at most")
     max_queue_delay_ms: float = Field(
-        5.0,
+        0.0,
         ge=0,
         description="how long a partial batch may wait for more images: right after a "
-        "batch (for the queue to refill to that batch's size) or while another batch runs; "
-        "an idle engine takes work at once",
+        "batch (for the queue to refill to that batch's size) or while another batch runs. "
+        "0: a free engine takes whatever is queued at once, which won under open-loop "
+        "(Poisson) load; a few ms can pay when clients resend in lockstep",
     )
     max_queue_size: int = Field(
         256, ge=1, description="images admitted and not yet running; beyond it: 429"
     )
-    max_concurrent_batches: int = Field(
-        2,
+    max_concurrent_batches: int | None = Field(
+        None,
         ge=1,
-        le=16,
-        description="batches on the engine at once. GPUs: keeps the GPU busy while the next "
-        "batch is prepared. CPUs: a second batch starts only when a full one is waiting, and "
-        "runs single-threaded beside the first",
+        le=64,
+        description="batches running on the engine at once (default: the number of engine "
+        "instances on CPUs, 2 on GPUs). CPUs: one batch per engine instance; a batch starts "
+        "beside a running one only when a full batch is waiting. GPUs: concurrent runs on "
+        "one session, each on its own CUDA stream, so the next batch is queued while the "
+        "last one's results are copied back",
     )
     request_timeout_ms: float = Field(
         30_000, gt=0, description="per-request deadline from arrival; beyond it: 504"
@@ -184,11 +196,16 @@ class Settings(BaseSettings):
         "can stay off the Ingress; default: on the main port",
     )
 
-    def thread_plan(self) -> ThreadPlan:
+    def thread_plan(self, gpu: bool = False) -> ThreadPlan:
         """The thread counts to use: these settings, with the automatic ones sized from
-        the CPUs this process may use (service/cpus.py)."""
+        the CPUs this process may use (service/cpus.py); one engine instance on a GPU
+        unless set."""
         return plan_threads(
-            cpu_limit(), self.intra_op_threads, self.decode_workers, self.allow_spinning
+            cpu_limit(),
+            self.intra_op_threads,
+            self.decode_workers,
+            self.allow_spinning,
+            self.engine_instances or (1 if gpu else 0),
         )
 
     @field_validator("providers", "api_keys", mode="before")

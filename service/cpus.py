@@ -19,6 +19,11 @@ from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MAX_DECODE_WORKERS = 8
+# CPUs per engine instance when the count is automatic. ONNX Runtime runs each operator of a
+# batch across its intra-op threads and waits for the slowest at every operator's end; the
+# more threads, the more of each operator is spent at that barrier, so on a large pod several
+# instances with a few threads each serve more than one with all of them (docs/benchmarks.md).
+CPUS_PER_INSTANCE = 4
 
 
 @dataclass(frozen=True)
@@ -87,10 +92,13 @@ def cpu_limit(
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    """Threads for inference and decoding, from the CPUs available unless set."""
+    """How the CPUs are shared: engine instances side by side, the ONNX Runtime threads of
+    each, the all-CPU session a batch gets when it runs alone, and the decode workers."""
 
     limit: CpuLimit
-    intra_op_threads: int
+    instances: int  # engine instances (sessions) that run batches side by side
+    intra_op_threads: int  # ONNX Runtime threads of each instance
+    solo_threads: int  # threads of the session a batch gets when nothing else runs
     decode_workers: int
     spinning: bool
 
@@ -99,7 +107,9 @@ class ThreadPlan:
             "cpus": round(self.limit.cpus, 3),
             "cpus_source": self.limit.source,
             "cfs_quota_cpus": None if self.limit.quota is None else round(self.limit.quota, 3),
+            "engine_instances": self.instances,
             "intra_op_threads": self.intra_op_threads,
+            "solo_threads": self.solo_threads,
             "decode_workers": self.decode_workers,
             "spinning": self.spinning,
         }
@@ -110,13 +120,18 @@ def plan_threads(
     intra_op_threads: int = 0,
     decode_workers: int | None = None,
     allow_spinning: bool | None = None,
+    instances: int = 0,
 ) -> ThreadPlan:
-    """0 / None mean automatic: one ONNX Runtime thread per CPU available, as many decode
-    workers (at most 8), and spinning unless the threads would exceed a CFS quota."""
-    intra = intra_op_threads or limit.whole
+    """0 / None mean automatic: one engine instance per `CPUS_PER_INSTANCE` CPUs (at least
+    one), the CPUs shared evenly among them, an all-CPU session for a batch that runs alone
+    when there are several, one decode worker per CPU (at most 8), and spinning unless the
+    instances' threads together would exceed a CFS quota."""
+    count = instances or max(1, limit.whole // CPUS_PER_INSTANCE)
+    intra = intra_op_threads or max(1, limit.whole // count)
+    solo = max(intra, limit.whole) if count > 1 else intra
     decode = decode_workers or min(MAX_DECODE_WORKERS, limit.whole)
     if allow_spinning is None:
-        spinning = limit.quota is None or intra <= limit.quota
+        spinning = limit.quota is None or count * intra <= limit.quota
     else:
         spinning = allow_spinning
-    return ThreadPlan(limit, intra, decode, spinning)
+    return ThreadPlan(limit, count, intra, solo, decode, spinning)

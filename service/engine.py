@@ -29,10 +29,11 @@ LOGITS, EMBEDDING = "logits", "embedding"
 class EngineOptions:
     providers: Sequence[str] = ("auto",)
     device_id: int = 0
-    intra_op_threads: int = 0
+    instances: int = 1  # sessions that run batches side by side (see InferenceEngine)
+    intra_op_threads: int = 0  # of each instance; 0: ONNX Runtime's default (physical cores)
+    solo_threads: int = 0  # CPUs only, with several instances: the session for a lone batch
     inter_op_threads: int = 1
     allow_spinning: bool = False
-    concurrent_runs: int = 1  # batches the caller may run at once (see InferenceEngine)
 
 
 def resolve_providers(requested: Sequence[str]) -> list[str]:
@@ -75,32 +76,32 @@ def choose_variant(
     return precision, path, warnings
 
 
+def cuda_options(device_id: int) -> dict[str, str]:
+    """The CUDA provider's options: only the device. Its documented defaults are the ones
+    we want (docs/operations.md, "GPU"): `cudnn_conv_algo_search` EXHAUSTIVE, searched
+    once per input shape, i.e. once per batch size during warm-up;
+    `do_copy_in_default_stream` 1, copies on the compute stream (0 risks data races)."""
+    return {"device_id": str(device_id)}
+
+
 class InferenceEngine:
     """ONNX Runtime over a graph with a uint8 image input and two outputs.
 
-    On CPUs, when callers may run several batches at once (`concurrent_runs` > 1), a
-    second session with one thread per run serves every batch that starts while another
-    is running. A batch that runs alone gets all the cores (lowest latency); batches that
-    overlap each get one, so they never wait on each other's thread barriers (measured
-    here, INT8 ResNet-50 at saturation: 79-84 img/s with one multi-threaded run at a
-    time, 92 img/s with two single-threaded runs).
+    `instances` sessions run batches side by side, each with `intra_op_threads` threads,
+    as Triton's instance groups do: a batch waits on its own threads' barriers only, never
+    on another batch's. On CPUs with several instances, a batch that starts while nothing
+    else runs goes to one more session with `solo_threads` (every CPU), so a lone request
+    gets the latency of the whole machine; batches that overlap it or each other take a
+    free instance. `run` may be called from up to `instances` threads at once (more share
+    sessions, which ONNX Runtime allows).
     """
 
     def __init__(self, model_path: Path, options: EngineOptions) -> None:
         providers = resolve_providers(options.providers)
-        provider_options: list[dict[str, str]] = []
-        for name in providers:
-            if name == CUDA:
-                provider_options.append(
-                    {
-                        "device_id": str(options.device_id),
-                        # Batch shapes repeat, so searching once per shape pays off.
-                        "cudnn_conv_algo_search": "EXHAUSTIVE",
-                        "do_copy_in_default_stream": "1",
-                    }
-                )
-            else:
-                provider_options.append({})
+        self.providers_requested = providers  # `self.providers`: what the session got
+        provider_options = [
+            cuda_options(options.device_id) if name == CUDA else {} for name in providers
+        ]
 
         def open_session(intra_op_threads: int) -> ort.InferenceSession:
             session_options = ort.SessionOptions()
@@ -118,39 +119,62 @@ class InferenceEngine:
                 provider_options=provider_options,
             )
 
-        self._session = open_session(options.intra_op_threads)
-        inputs = self._session.get_inputs()
+        first = open_session(options.intra_op_threads)
+        inputs = first.get_inputs()
         if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
             raise ValueError(f"{model_path} must take one uint8 [N, H, W, 3] input")
         self.input_name: str = inputs[0].name
         height, width, channels = inputs[0].shape[1:]
         self.input_shape = (int(height), int(width), int(channels))
-        outputs = {output.name: output for output in self._session.get_outputs()}
+        outputs = {output.name: output for output in first.get_outputs()}
         if set(outputs) != {LOGITS, EMBEDDING}:
             raise ValueError(f"{model_path} must have outputs {LOGITS!r} and {EMBEDDING!r}")
         self.num_classes = int(outputs[LOGITS].shape[1])
         self.embedding_dim = int(outputs[EMBEDDING].shape[1])
-        self.providers: list[str] = self._session.get_providers()
+        self.providers: list[str] = first.get_providers()
         self.device = "cuda" if CUDA in self.providers else "cpu"
         self.model_path = model_path
-        self._overlap_session: ort.InferenceSession | None = None
-        if self.device == "cpu" and options.concurrent_runs > 1 and options.intra_op_threads != 1:
-            self._overlap_session = open_session(1)
-        self._running = 0
+        count = max(1, options.instances)
+        self._instances = [
+            first,
+            *(open_session(options.intra_op_threads) for _ in range(count - 1)),
+        ]
+        self._free = list(reversed(self._instances))  # a stack: the first instance is reused first
+        self._solo: ort.InferenceSession | None = None
+        if self.device == "cpu" and count > 1 and options.solo_threads > options.intra_op_threads:
+            self._solo = open_session(options.solo_threads)
+        self._solo_busy = False
         self._lock = threading.Lock()
+
+    @property
+    def sessions(self) -> int:
+        return len(self._instances) + (self._solo is not None)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`batch` is uint8 [N, H, W, 3]; returns float32 logits [N, C] and embeddings [N, D]."""
-        with self._lock:
-            alone = self._running == 0
-            self._running += 1
+        session, instance = self._acquire()
         try:
-            if alone or self._overlap_session is None:
-                return self._run_on(self._session, batch)
-            return self._run_on(self._overlap_session, batch)
+            return self._run_on(session, batch)
         finally:
-            with self._lock:
-                self._running -= 1
+            self._release(session, instance)
+
+    def _acquire(self) -> tuple[ort.InferenceSession, bool]:
+        """The session for the next batch, and whether it is one of the instances."""
+        with self._lock:
+            idle = not self._solo_busy and len(self._free) == len(self._instances)
+            if self._solo is not None and idle:
+                self._solo_busy = True
+                return self._solo, False
+            if self._free:
+                return self._free.pop(), True
+        return self._instances[0], False  # more callers than instances: share the first
+
+    def _release(self, session: ort.InferenceSession, instance: bool) -> None:
+        with self._lock:
+            if session is self._solo:
+                self._solo_busy = False
+            elif instance:
+                self._free.append(session)
 
     def _run_on(
         self, session: ort.InferenceSession, batch: np.ndarray
@@ -171,16 +195,7 @@ class InferenceEngine:
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run each batch size once, so first requests don't pay for allocation and
         (on CUDA) convolution algorithm search."""
-        sessions = [self._session, self._overlap_session]
-        for session in (session for session in sessions if session is not None):
+        sessions = [*self._instances, *([self._solo] if self._solo is not None else [])]
+        for session in sessions:
             for size in batch_sizes:
                 self._run_on(session, np.zeros((size, *self.input_shape), dtype=np.uint8))
-
-
-def default_warmup_sizes(max_batch_size: int, device: str) -> list[int]:
-    if device == "cuda":
-        return list(range(1, max_batch_size + 1))
-    sizes = {
-        1 << power for power in range(max_batch_size.bit_length()) if 1 << power <= max_batch_size
-    }
-    return sorted(sizes | {max_batch_size})

@@ -206,6 +206,9 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
             "precision": str(served.precision),
             "requested_precision": str(settings.precision),
             "execution_providers": served.providers,
+            "providers_requested": served.providers_requested,
+            "gpu_fallback": served.gpu_fallback is not None,
+            "gpu_fallback_reason": served.gpu_fallback,
             "device": served.device,
             "warnings": served.warnings,
         }
@@ -221,7 +224,12 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
         "max_batch_size": settings.max_batch_size,
         "max_queue_delay_ms": settings.max_queue_delay_ms,
         "max_queue_size": settings.max_queue_size,
-        "max_concurrent_batches": settings.max_concurrent_batches,
+        "max_concurrent_batches": (
+            runtime.policy.concurrent_batches if runtime.policy else settings.max_concurrent_batches
+        ),
+        "partial_batches_while_busy": (
+            runtime.policy.partial_batches_while_busy if runtime.policy else None
+        ),
         "request_timeout_ms": settings.request_timeout_ms,
     }
     info["limits"] = {

@@ -26,10 +26,9 @@ import numpy as np
 from service.batching import Completed, DynamicBatcher
 from service.config import Settings
 from service.engine import (
+    CUDA,
     EngineOptions,
     InferenceEngine,
-    choose_variant,
-    default_warmup_sizes,
     resolve_providers,
 )
 from service.errors import (
@@ -43,7 +42,9 @@ from service.errors import (
 from service.limits import PixelBudget
 from service.metrics import ServiceMetrics
 from service.model_package import ModelPackage, Precision
+from service.policy import DevicePolicy, device_policy
 from service.preprocess import ImagePreprocessor
+from service.providers import check_providers, open_variant
 
 log = logging.getLogger("resnet_serve")
 
@@ -64,7 +65,8 @@ class ImageOutput:
 class Engine(Protocol):
     """What the runtime needs of an engine (the real one, or a test double)."""
 
-    providers: list[str]
+    providers: list[str]  # what the session got
+    providers_requested: list[str]  # what it was created with (`auto` resolved)
     device: str
 
     def run(self, batch: np.ndarray) -> Outputs: ...
@@ -99,24 +101,28 @@ class Served:
     providers: list[str]
     device: str
     warnings: list[str] = field(default_factory=list)
+    providers_requested: list[str] = field(default_factory=list)
+    gpu_fallback: str | None = None  # why a GPU that was asked for is not in use
 
 
 def load_onnx_engine(
     settings: Settings, package: ModelPackage
 ) -> tuple[Engine, Precision, list[str]]:
     providers = resolve_providers(settings.providers)
-    threads = settings.thread_plan()
-    precision, path, warnings = choose_variant(package, settings.precision, providers)
-    package.verify(precision)  # the graph is the one the manifest's SHA-256 names
+    threads = settings.thread_plan(gpu=CUDA in providers)
     options = EngineOptions(
         providers=providers,
         device_id=settings.device_id,
+        instances=threads.instances,
         intra_op_threads=threads.intra_op_threads,
+        solo_threads=threads.solo_threads,
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=threads.spinning,
-        concurrent_runs=settings.max_concurrent_batches,
     )
-    return InferenceEngine(path, options), precision, warnings
+    # The variant follows the providers the session got, not those asked for.
+    return open_variant(
+        package, settings.precision, providers, lambda path: InferenceEngine(path, options)
+    )
 
 
 class Runtime:
@@ -136,10 +142,10 @@ class Runtime:
         self._engine: Engine | None = None
         self._preprocessor: ImagePreprocessor | None = None
         self._batcher: DynamicBatcher[Pending, ImageOutput] | None = None
-        self.decode_in_batch = False  # decided once the device is known
-        self.threads = settings.thread_plan()
+        self.policy: DevicePolicy | None = None  # decided once the device is known
+        self.threads = settings.thread_plan()  # re-planned for the device once loaded
         self._decode_pool = ThreadPoolExecutor(self.threads.decode_workers, "decode")
-        self._engine_pool = ThreadPoolExecutor(settings.max_concurrent_batches, "engine")
+        self._engine_pool: ThreadPoolExecutor | None = None
         self._in_progress = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -170,15 +176,17 @@ class Runtime:
             log.error("model failed to load: %s", self.failure)
             return
         assert self._engine is not None
+        assert self.policy is not None
+        policy = self.policy
+        self._engine_pool = ThreadPoolExecutor(policy.concurrent_batches, "engine")
         self._batcher = DynamicBatcher(
             self._run_batch,
             self._engine_pool,
             max_batch_size=self.settings.max_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000,
             max_queue_size=self.settings.max_queue_size,
-            max_concurrent_batches=self.settings.max_concurrent_batches,
-            # On a CPU a second batch takes cores from the first: only worth it for a full one.
-            partial_batches_while_busy=self.served is not None and self.served.device != "cpu",
+            max_concurrent_batches=policy.concurrent_batches,
+            partial_batches_while_busy=policy.partial_batches_while_busy,
             observer=self.metrics,
         )
         self._batcher.start()
@@ -193,7 +201,11 @@ class Runtime:
         manifest = package.manifest
         self.package = package
         engine, precision, warnings = self._engine_factory(self.settings, package)
-        self.served = Served(precision, list(engine.providers), engine.device, warnings)
+        report = check_providers(engine.providers_requested, engine.providers)
+        self.served = Served(
+            precision, list(engine.providers), engine.device, warnings,
+            list(report.requested), report.reason,
+        )  # fmt: skip
         for warning in warnings:
             log.warning(warning)
         if not manifest.trained:
@@ -203,14 +215,12 @@ class Runtime:
                 manifest.name,
                 manifest.source.seed,
             )
-        overlap = self.settings.overlap_decode
-        self.decode_in_batch = not (overlap if overlap is not None else engine.device != "cpu")
+        self.threads = self.settings.thread_plan(gpu=engine.device != "cpu")
+        self.policy = device_policy(self.settings, self.threads, engine.device)
         self._preprocessor = ImagePreprocessor(
             manifest.preprocessing, self.settings.max_image_pixels, self.pixel_budget
         )
-        sizes = self.settings.warmup_batch_sizes or default_warmup_sizes(
-            self.settings.max_batch_size, engine.device
-        )
+        sizes = self.policy.warmup_sizes
         warm_started = time.perf_counter()
         engine.warm_up(sizes)
         self._engine = engine
@@ -226,6 +236,8 @@ class Runtime:
                 "precision": str(precision),
                 "trained": str(manifest.trained).lower(),
                 "device": engine.device,
+                "providers": ",".join(engine.providers),
+                "gpu_fallback": str(report.gpu_fallback).lower(),
             }
         )
         log.info(
@@ -242,12 +254,17 @@ class Runtime:
         )
         plan = self.threads
         log.info(
-            "threads: %g CPU(s) available (%s); ONNX Runtime %d thread(s), spinning %s; "
-            "%d decode worker(s)",
+            "threads: %g CPU(s) available (%s); %d engine instance(s) of %d ONNX Runtime "
+            "thread(s)%s, spinning %s; %d batch(es) at once; %d decode worker(s)",
             plan.limit.cpus,
             plan.limit.source,
+            plan.instances,
             plan.intra_op_threads,
+            f" and a {plan.solo_threads}-thread session for lone batches"
+            if plan.solo_threads > plan.intra_op_threads and engine.device == "cpu"
+            else "",
             "on" if plan.spinning else "off",
+            self.policy.concurrent_batches,
             plan.decode_workers,
         )
 
@@ -279,7 +296,12 @@ class Runtime:
         if self._batcher is not None:
             await self._batcher.close(timeout_s)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        self._engine_pool.shutdown(wait=False, cancel_futures=True)
+        if self._engine_pool is not None:
+            self._engine_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def decode_in_batch(self) -> bool:
+        return self.policy is not None and self.policy.decode_in_batch
 
     @property
     def in_progress(self) -> int:

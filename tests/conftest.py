@@ -82,6 +82,13 @@ def resnet18_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def resnet18_fp16_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ResNet-18 with FP32 and FP16 variants (about 20 s on 2 cores): for the GPU path."""
+    out = tmp_path_factory.mktemp("packages") / "resnet18-fp16"
+    return export_package(out, "--arch", "resnet18", "--precision", "fp16")
+
+
+@pytest.fixture(scope="session")
 def photo_pngs(photo_images: dict[str, Image.Image]) -> list[bytes]:
     """The same photos as lossless request bodies."""
     bodies = []

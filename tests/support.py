@@ -83,6 +83,7 @@ class FakeEngine:
     num_classes: int
     embedding_dim: int = 8
     providers: list[str] = field(default_factory=lambda: ["FakeExecutionProvider"])
+    providers_requested: list[str] = field(default_factory=lambda: ["FakeExecutionProvider"])
     device: str = "cpu"
     batches: list[np.ndarray] = field(default_factory=list)
     gate: threading.Event | None = None

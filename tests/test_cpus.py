@@ -12,6 +12,7 @@ from service.app import create_app
 from service.config import Settings
 from service.cpus import CpuLimit, cpu_limit, plan_threads
 from service.model_package import ModelPackage
+from service.policy import device_policy
 from tests.support import FakeEngine, running_server
 
 
@@ -32,12 +33,18 @@ def limit_v2(tmp_path: Path, limits: dict[str, str], cores: int) -> CpuLimit:
     return cpu_limit(root, tmp_path / "proc-cgroup", affinity=lambda: cores)
 
 
-@pytest.mark.parametrize("cores", [1, 2, 4, 16, 64])
-def test_without_a_quota_the_affinity_mask_counts(tmp_path: Path, cores: int) -> None:
+@pytest.mark.parametrize(
+    ("cores", "instances", "threads", "solo"),
+    [(1, 1, 1, 1), (2, 1, 2, 2), (4, 1, 4, 4), (8, 2, 4, 8), (16, 4, 4, 16), (64, 16, 4, 64)],
+)
+def test_without_a_quota_the_affinity_mask_counts(
+    tmp_path: Path, cores: int, instances: int, threads: int, solo: int
+) -> None:
     limit = limit_v2(tmp_path, {"kubepods/pod/app": "max 100000"}, cores)
     assert limit == CpuLimit(float(cores), "affinity mask", None)
     plan = plan_threads(limit)
-    assert plan.intra_op_threads == cores
+    assert (plan.instances, plan.intra_op_threads, plan.solo_threads) == (instances, threads, solo)
+    assert plan.instances * plan.intra_op_threads == cores  # every core, none twice
     assert plan.decode_workers == min(8, cores)
     assert plan.spinning
 
@@ -54,8 +61,16 @@ def test_a_quota_on_a_64_core_host_sizes_the_threads(
     assert limit.source == "cgroup v2 cpu.max"
     plan = plan_threads(limit)
     assert (plan.intra_op_threads, plan.decode_workers) == (threads, decode)
+    assert plan.instances * plan.intra_op_threads == threads  # one instance below 8 CPUs
     # One thread on half a CPU would spin through the quota: spinning goes off there only.
     assert plan.spinning is (threads <= cpus)
+
+
+def test_a_quota_of_10_cpus_gets_two_instances_of_5_threads(tmp_path: Path) -> None:
+    limit = limit_v2(tmp_path, {"kubepods/pod/app": "1000000 100000"}, cores=64)
+    plan = plan_threads(limit)
+    assert (plan.instances, plan.intra_op_threads, plan.solo_threads) == (2, 5, 10)
+    assert plan.spinning  # 2 x 5 threads fit the 10-CPU quota
 
 
 def test_the_tightest_quota_on_the_path_to_the_root_applies(tmp_path: Path) -> None:
@@ -93,6 +108,16 @@ def test_explicit_settings_win_and_spinning_follows_the_threads() -> None:
     assert (plan.intra_op_threads, plan.decode_workers, plan.spinning) == (8, 3, False)
     assert plan_threads(quota_2, intra_op_threads=8, allow_spinning=True).spinning
     assert not plan_threads(quota_2, allow_spinning=False).spinning
+    two = plan_threads(quota_2, instances=2)
+    assert (two.instances, two.intra_op_threads, two.solo_threads, two.spinning) == (2, 1, 2, True)
+    assert not plan_threads(quota_2, instances=2, intra_op_threads=2).spinning  # 4 threads > 2
+
+
+def test_a_gpu_gets_one_instance_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.config.cpu_limit", lambda: CpuLimit(16.0, "affinity mask", None))
+    assert Settings().thread_plan().instances == 4
+    assert Settings().thread_plan(gpu=True).instances == 1
+    assert Settings(engine_instances=3).thread_plan(gpu=True).instances == 3
 
 
 def test_info_shows_the_plan(resnet18_package: Path) -> None:
@@ -104,6 +129,33 @@ def test_info_shows_the_plan(resnet18_package: Path) -> None:
     expected = cpu_limit()
     assert threads["cpus"] == round(expected.cpus, 3)
     assert threads["cpus_source"] == expected.source
-    assert threads["intra_op_threads"] == expected.whole
+    plan = plan_threads(expected, decode_workers=3)
+    assert threads["engine_instances"] == plan.instances
+    assert threads["intra_op_threads"] == plan.intra_op_threads
+    assert threads["solo_threads"] == plan.solo_threads
     assert threads["decode_workers"] == 3
     assert isinstance(threads["spinning"], bool)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "flags", "device", "expected"),
+    [
+        (2.0, {}, "cpu", (1, False, True)),
+        (16.0, {}, "cpu", (4, False, True)),
+        (2.0, {"max_concurrent_batches": 2}, "cpu", (2, False, True)),
+        (2.0, {"engine_instances": 2}, "cpu", (2, False, True)),
+        (16.0, {}, "cuda", (2, True, False)),
+        (16.0, {"max_concurrent_batches": 3, "overlap_decode": False}, "cuda", (3, True, True)),
+    ],
+)
+def test_the_device_policy_follows_the_plan(
+    cpus: float, flags: dict[str, int], device: str, expected: tuple[int, bool, bool]
+) -> None:
+    settings = Settings(**flags)
+    plan = plan_threads(CpuLimit(cpus, "affinity mask", None), instances=settings.engine_instances)
+    policy = device_policy(settings, plan, device)
+    assert (
+        policy.concurrent_batches,
+        policy.partial_batches_while_busy,
+        policy.decode_in_batch,
+    ) == expected

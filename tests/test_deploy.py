@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from service import healthcheck
 from service.app import create_app
@@ -171,6 +174,54 @@ def test_final_images_hold_no_torch_and_no_build_tools() -> None:
     cuda = stages["cuda-base"].base
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.\d\d", cuda), cuda
     assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", stages["python-base"].base)
+
+
+ONNX_RUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
+
+
+def extra_requirements(extras: dict[str, list[str]], extra: str) -> list[Requirement]:
+    """What installing `.[extra]` pulls, following the project's references to itself
+    (`resnet-serve[eval]`)."""
+    found: list[Requirement] = []
+    for line in extras[extra]:
+        requirement = Requirement(line)
+        if canonicalize_name(requirement.name) == "resnet-serve":
+            for inner in requirement.extras:
+                found += extra_requirements(extras, inner)
+        else:
+            found.append(requirement)
+    return found
+
+
+def test_one_onnx_runtime_per_install() -> None:
+    """Only `cpu` pulls onnxruntime and only `gpu` onnxruntime-gpu (pinned to the minor
+    built for the image's CUDA major), so `.[gpu,export]` holds one ONNX Runtime; and every
+    install the project runs names exactly one of the two."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def runtimes(requirements: list[Requirement]) -> set[str]:
+        return {canonicalize_name(r.name) for r in requirements} & ONNX_RUNTIMES
+
+    assert runtimes([Requirement(line) for line in project["dependencies"]]) == set()
+    found = {extra: runtimes(extra_requirements(extras, extra)) for extra in extras}
+    assert found.pop("cpu") == {"onnxruntime"}
+    assert found.pop("gpu") == {"onnxruntime-gpu"}
+    assert not any(found.values()), found
+    (gpu_runtime,) = [r for r in extra_requirements(extras, "gpu") if r.name == "onnxruntime-gpu"]
+    assert "1.31.1" in gpu_runtime.specifier
+    assert "1.32.0" not in gpu_runtime.specifier, "a new minor may change the CUDA major"
+    locked = re.search(r"^onnxruntime-gpu==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert locked is not None
+    assert locked[1] in gpu_runtime.specifier
+    installs = re.findall(r'"\.\[([a-z,]+)\]"', (ROOT / "Dockerfile").read_text())
+    installs += re.findall(
+        r'extras="\$\{1:-([a-z,]+)\}"', (ROOT / "scripts" / "setup.sh").read_text()
+    )
+    installs += re.findall(r"setup\.sh ([a-z,]+)", (ROOT / "scripts" / "serve.sh").read_text())
+    assert len(installs) >= 5, installs
+    for install in installs:
+        assert len({"cpu", "gpu"} & set(install.split(","))) == 1, install
 
 
 def dockerignore_allows(path: str) -> bool:

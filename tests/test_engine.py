@@ -13,10 +13,9 @@ from service.engine import (
     EngineOptions,
     InferenceEngine,
     choose_variant,
-    default_warmup_sizes,
-    resolve_providers,
 )
 from service.model_package import ModelPackage, Precision
+from service.policy import warmup_sizes
 
 
 def pixels(count: int, seed: int = 0) -> np.ndarray:
@@ -43,20 +42,26 @@ def test_run_equals_a_plain_session(resnet18_package: Path) -> None:
     np.testing.assert_allclose(embedding, expected_embedding, rtol=1e-5, atol=1e-5)
 
 
-def test_overlapping_runs_use_the_single_threaded_session_and_agree(resnet18_package: Path) -> None:
+def test_overlapping_runs_take_their_own_instances_and_agree(resnet18_package: Path) -> None:
     path = resnet18_package / "model.onnx"
-    engine = InferenceEngine(
-        path, EngineOptions(providers=["CPUExecutionProvider"], concurrent_runs=2)
+    options = EngineOptions(
+        providers=["CPUExecutionProvider"], instances=2, intra_op_threads=1, solo_threads=2
     )
-    assert engine._overlap_session is not None
-    used_overlap: list[bool] = []
+    engine = InferenceEngine(path, options)
+    assert engine.sessions == 3  # two instances and the all-CPU session for lone batches
+    used: list[str] = []
     run_on = engine._run_on
+    names = {id(engine._solo): "solo"} | {
+        id(s): f"instance{i}" for i, s in enumerate(engine._instances)
+    }
 
     def recording_run_on(session: ort.InferenceSession, batch: np.ndarray) -> tuple:
-        used_overlap.append(session is engine._overlap_session)
+        used.append(names[id(session)])
         return run_on(session, batch)
 
     engine._run_on = recording_run_on  # type: ignore[method-assign]
+    engine.run(pixels(1))
+    assert used == ["solo"], "a batch that runs alone gets every CPU"
     batches = [pixels(2, seed) for seed in range(6)]
     expected = [reference(path, batch) for batch in batches]
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -76,15 +81,18 @@ def test_overlapping_runs_use_the_single_threaded_session_and_agree(resnet18_pac
         np.testing.assert_allclose(logits, expected[index][0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(embedding, expected[index][1], rtol=1e-4, atol=1e-4)
     assert sorted(results) == list(range(6))
-    assert any(used_overlap), "three threads never overlapped a run"
-    assert not all(used_overlap), "a run that started alone must get all the cores"
+    assert {"instance0", "instance1"} & set(used[1:]), "three threads never overlapped a run"
+    assert {id(s) for s in engine._free} == {id(s) for s in engine._instances}, "all given back"
+    assert len(engine._free) == 2
+    assert not engine._solo_busy
 
 
-def test_one_run_at_a_time_needs_no_second_session(resnet18_package: Path) -> None:
+def test_one_instance_needs_no_second_session(resnet18_package: Path) -> None:
     engine = InferenceEngine(
-        resnet18_package / "model.onnx", EngineOptions(providers=["CPUExecutionProvider"])
+        resnet18_package / "model.onnx",
+        EngineOptions(providers=["CPUExecutionProvider"], intra_op_threads=2, solo_threads=2),
     )
-    assert engine._overlap_session is None
+    assert engine.sessions == 1
 
 
 def test_graph_without_the_expected_interface_is_refused(tmp_path: Path) -> None:
@@ -103,10 +111,8 @@ def test_graph_without_the_expected_interface_is_refused(tmp_path: Path) -> None
         InferenceEngine(path, EngineOptions(providers=["CPUExecutionProvider"]))
 
 
-def test_providers_and_variants(resnet18_package: Path) -> None:
-    assert resolve_providers(["auto"]) == ["CPUExecutionProvider"]
-    with pytest.raises(ValueError, match="not in this ONNX Runtime build"):
-        resolve_providers(["NoSuchExecutionProvider"])
+def test_variants(resnet18_package: Path) -> None:
+    """Which variant for which providers (`auto` and fallbacks: tests/test_providers.py)."""
     package = ModelPackage.load(resnet18_package)  # fp32 + int8
     cpu = ["CPUExecutionProvider"]
     assert choose_variant(package, Precision.INT8, cpu)[:2] == (
@@ -123,7 +129,7 @@ def test_providers_and_variants(resnet18_package: Path) -> None:
 
 
 def test_default_warmup_sizes() -> None:
-    assert default_warmup_sizes(8, "cpu") == [1, 2, 4, 8]
-    assert default_warmup_sizes(6, "cpu") == [1, 2, 4, 6]
-    assert default_warmup_sizes(1, "cpu") == [1]
-    assert default_warmup_sizes(4, "cuda") == [1, 2, 3, 4]
+    assert warmup_sizes(8, on_cpu=True) == [1, 2, 4, 8]
+    assert warmup_sizes(6, on_cpu=True) == [1, 2, 4, 6]
+    assert warmup_sizes(1, on_cpu=True) == [1]
+    assert warmup_sizes(4, on_cpu=False) == [1, 2, 3, 4]

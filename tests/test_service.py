@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.config import Settings
+from service.engine import resolve_providers
 from service.model_package import ModelPackage
 from service.preprocess import ImagePreprocessor
 from tests.support import metric_value, running_server
@@ -244,13 +245,17 @@ def test_health_info_metrics(client: httpx.Client) -> None:
     assert "UNTRAINED" in info["model"]["warning"]
     assert info["model"]["source"] == {"kind": "random-init", "seed": 0}
     assert info["serving"]["precision"] == "fp32"
-    assert info["serving"]["execution_providers"] == ["CPUExecutionProvider"]
+    # What this host's ONNX Runtime offers (CUDA first on a GPU build), and got it all.
+    assert info["serving"]["providers_requested"] == resolve_providers(["auto"])
+    assert info["serving"]["execution_providers"] == info["serving"]["providers_requested"]
+    assert info["serving"]["gpu_fallback"] is False
     assert info["serving"]["verified"] is True
     assert info["batching"]["max_batch_size"] == 8
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     assert metric_value(metrics.text, "resnet_ready") == 1
-    assert metric_value(metrics.text, "resnet_model_info", {"trained": "false"}) == 1
+    model = {"trained": "false", "gpu_fallback": "false", "device": info["serving"]["device"]}
+    assert metric_value(metrics.text, "resnet_model_info", model) == 1
 
 
 def test_requests_and_images_are_counted(

@@ -1,0 +1,59 @@
+"""The benchmark's own pieces: the naive baseline does the same work as the service (so a
+ratio to it measures batching, not a difference in work), and the open-loop summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loadtests.naive import create_naive_app
+from loadtests.openloop import summarise
+from service.app import create_app
+from service.config import Settings
+from service.model_package import Precision
+from tests.support import running_server
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.INT8])
+def test_the_naive_baseline_answers_as_the_service_does(
+    resnet18_package: Path, distinct_jpegs: list[bytes], precision: Precision
+) -> None:
+    service = create_app(Settings(model_dir=resnet18_package, precision=precision))
+    naive = create_naive_app(resnet18_package, precision)
+    with running_server(service) as service_url, running_server(naive, wait_loaded=False) as url:
+        for jpeg in distinct_jpegs[:3]:
+            headers = {"content-type": "image/jpeg"}
+            expected = httpx.post(f"{service_url}/predict", content=jpeg, headers=headers)
+            got = httpx.post(f"{url}/predict", content=jpeg, headers=headers)
+            assert got.status_code == expected.status_code == 200
+            ours = expected.json()["predictions"][0]
+            theirs = got.json()["predictions"][0]
+            assert [p["index"] for p in theirs] == [p["index"] for p in ours]
+            assert [p["score"] for p in theirs] == pytest.approx(
+                [p["score"] for p in ours], abs=1e-4
+            )
+        garbage = {"content": b"not an image", "headers": {"content-type": "image/jpeg"}}
+        refused = httpx.post(f"{url}/predict", **garbage)  # type: ignore[arg-type]
+        assert refused.status_code == httpx.post(f"{service_url}/predict", **garbage).status_code  # type: ignore[arg-type]
+        assert refused.status_code == 400
+
+
+def test_the_summary_is_the_median_of_rounds_with_the_spread_of_ratios() -> None:
+    def row(p50: float, p99: float) -> dict[str, float]:
+        return {"p50_ms": p50, "p99_ms": p99, "failed": 0, "completed": 100}
+
+    points = {
+        "naive": {0.8: [row(10, 100), row(12, 200), row(11, 400)]},
+        "svc": {0.8: [row(5, 50), row(6, 160), row(7, 100)]},
+    }
+    saturation = {"naive": {"requests_per_s": 40.0}, "svc": {"requests_per_s": 46.0}}
+    summary = summarise(points, "naive", saturation)
+    svc = summary["svc"]
+    assert svc["saturation_over_baseline"] == pytest.approx(1.15)
+    point = svc["loads"]["0.8"]
+    assert (point["p50_ms"], point["p99_ms"], point["requests"]) == (6, 100, 300)
+    # Per-round ratios 0.5, 0.8, 0.25: the median and the spread come from those.
+    assert point["p99_over_baseline"] == pytest.approx(0.5)
+    assert (point["p99_over_baseline_min"], point["p99_over_baseline_max"]) == (0.25, 0.8)
