@@ -434,3 +434,5 @@ def test_kserve_examples_match_their_crds_and_the_service(monkeypatch: pytest.Mo
         assert container[probe]["httpGet"]["path"] in routes
         assert container[probe]["httpGet"]["port"] == settings.port
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(settings.port)
+    if model["protocolVersion"] == "v2":  # the Open Inference Protocol's routes are served
+        assert {"/v2/models/{model_name}/infer", "/v2/health/ready"} <= routes
