@@ -198,3 +198,15 @@ def test_a_full_queue_is_429_over_http_and_resource_exhausted_over_grpc(
         for sender in senders:
             sender.join(30)
     assert answers == [200, 200]
+
+
+def test_grpc_messages_beyond_grpcs_4_mb_default_are_served(
+    server: tuple[str, str, object], name: str, clients: Clients
+) -> None:
+    """Message limits follow --max-body-bytes (64 MiB), not gRPC's 4 MB default."""
+    _, grpc = clients
+    large = png((1300, 1300), noise=True)  # random pixels: about 5 MB as PNG
+    assert len(large) > 4 * 1024 * 1024
+    tensor = grpcclient.InferInput("image_bytes", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([large], dtype=np.object_))
+    assert grpc.infer(name, [tensor]).as_numpy("logits").shape[0] == 1
