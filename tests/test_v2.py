@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import orjson
@@ -24,6 +25,8 @@ from service.app import create_app
 from service.config import Settings
 from service.model_package import ModelPackage
 from service.preprocess import ImagePreprocessor
+from service.v2_proto import grpc_predict_v2_pb2 as pb
+from service.v2_proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.hostile import LIMITS, PREDICT, V2, HostileCase, image_cases
 from tests.support import metric_value, running_server
 
@@ -36,7 +39,8 @@ class Served:
     def __init__(self, url: str, grpc_port: int, package: ModelPackage) -> None:
         self.url = url
         self.http = httpclient.InferenceServerClient(url.removeprefix("http://"))
-        self.grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        self.grpc_address = f"127.0.0.1:{grpc_port}"
+        self.grpc = grpcclient.InferenceServerClient(self.grpc_address)
         self.name = package.manifest.name
         self.version = package.manifest.version
         self.package = package
@@ -392,3 +396,31 @@ def test_no_hostile_image_made_a_server_error(limited: str) -> None:
         )
         assert count == 0, status
     assert metric_value(metrics, "resnet_rejections_total", {"reason": "internal"}) == 0
+
+
+def test_grpc_typed_contents_are_read_like_raw_contents(
+    served: Served, jpegs: list[bytes], reference: dict[str, Any]
+) -> None:
+    """Tensors in `contents` (bytes_contents, uint_contents) rather than
+    `raw_input_contents`, as other clients send them: same results."""
+    pixels = pixels_of(served.package, jpegs)
+    encoded = pb.ModelInferRequest(model_name=served.name)
+    encoded.inputs.add(name=ENCODED, datatype="BYTES", shape=[len(jpegs)])
+    encoded.inputs[0].contents.bytes_contents.extend(jpegs)
+    typed = pb.ModelInferRequest(model_name=served.name)
+    typed.inputs.add(name=PIXELS, datatype="UINT8", shape=list(pixels.shape))
+    typed.inputs[0].contents.uint_contents.extend(pixels.reshape(-1).tolist())
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        for request in (encoded, typed):
+            response = infer(request, timeout=60)
+            outputs = {
+                output.name: np.frombuffer(raw, "<f4").reshape(list(output.shape))
+                for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+            }
+            assert_matches(reference, outputs["logits"], outputs["embedding"])
+        typed.inputs[0].contents.uint_contents[0] = 256
+        with pytest.raises(grpc.RpcError) as raised:
+            infer(typed, timeout=60)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"'{PIXELS}'" in raised.value.details()
