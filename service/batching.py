@@ -12,7 +12,10 @@ futures. The owner forms a batch when an engine slot is free and one of these ho
 - while a batch runs (with `max_concurrent_batches` > 1), the oldest waiting item has
   waited `max_queue_delay` (unless `partial_batches_while_busy` is off: then only full
   batches start beside a running one, which suits a CPU, where a second batch takes
-  cores from the first and pays only under a backlog).
+  cores from the first and pays only under a backlog). A batch that starts beside a
+  running one is full at `busy_batch_size` (default `max_batch_size`) and takes no more:
+  on a CPU it runs on an instance with a share of the cores, where a large batch would
+  hold its images for several times as long as on all of them.
 
 Items whose future is already done (the caller gave up: deadline, disconnect) are
 skipped before they reach the engine and counted. Each batch runs on an executor, off
@@ -135,6 +138,7 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_size: int,
         max_concurrent_batches: int = 1,
         partial_batches_while_busy: bool = True,
+        busy_batch_size: int | None = None,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -143,6 +147,7 @@ class DynamicBatcher(Generic[T, R]):
         self._run_batch = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
+        self.busy_batch_size = min(busy_batch_size or max_batch_size, max_batch_size)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.max_concurrent_batches = max_concurrent_batches
@@ -255,7 +260,7 @@ class DynamicBatcher(Generic[T, R]):
             timeout: float | None = None
             if self._queue:
                 now = self._clock()
-                if len(self._queue) >= self.max_batch_size or self._state.closing or self._due(now):
+                if len(self._queue) >= self._batch_limit() or self._state.closing or self._due(now):
                     return self._take()
                 timeout = self._time_until_due(now)
             elif self._state.closing and self._state.reserved == 0:
@@ -265,6 +270,9 @@ class DynamicBatcher(Generic[T, R]):
                 await asyncio.wait_for(
                     self._wakeup.wait(), None if timeout is None else max(timeout, 0.0)
                 )
+
+    def _batch_limit(self) -> int:
+        return self.busy_batch_size if self._state.in_flight else self.max_batch_size
 
     def _due(self, now: float) -> bool:
         """Whether a partial batch should go now.
@@ -317,7 +325,8 @@ class DynamicBatcher(Generic[T, R]):
 
     def _take(self) -> list[_Pending[T, R]]:
         batch: list[_Pending[T, R]] = []
-        while self._queue and len(batch) < self.max_batch_size:
+        limit = self._batch_limit()
+        while self._queue and len(batch) < limit:
             batch.append(self._queue.popleft())
         self._state.in_flight += 1
         self._observer.queue_depth(self.depth)

@@ -84,6 +84,21 @@ class Settings(BaseSettings):
         "one session, each on its own CUDA stream, so the next batch is queued while the "
         "last one's results are copied back",
     )
+    partial_batches_while_busy: bool | None = Field(
+        None,
+        description="let a partial batch start beside a running one once its oldest image "
+        "has waited --max-queue-delay-ms (default: on GPUs; on CPUs only a full batch "
+        "starts beside a running one)",
+    )
+    busy_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="images in a batch that starts beside a running one, at most (it is "
+        "full, and starts, at that size); default: on CPUs, where it runs on an engine "
+        "instance with a share of the cores, 2 per thread of an instance; max_batch_size "
+        "on GPUs",
+    )
     request_timeout_ms: float = Field(
         30_000, gt=0, description="per-request deadline from arrival; beyond it: 504"
     )

@@ -19,11 +19,14 @@ from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MAX_DECODE_WORKERS = 8
-# CPUs per engine instance when the count is automatic. ONNX Runtime runs each operator of a
-# batch across its intra-op threads and waits for the slowest at every operator's end; the
-# more threads, the more of each operator is spent at that barrier, so on a large pod several
-# instances with a few threads each serve more than one with all of them (docs/benchmarks.md).
+# CPUs per engine instance when the count is automatic, with at least two instances on two or
+# more CPUs. ONNX Runtime runs each operator of a batch across its intra-op threads and waits
+# for the slowest at every operator's end; the more threads, the more of each operator is
+# spent at that barrier, so under a backlog several instances with a few threads each serve
+# more than one with all of them; and with one instance the cores idle while each batch is
+# decoded (docs/benchmarks.md has the measurements).
 CPUS_PER_INSTANCE = 4
+MIN_INSTANCES = 2
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,11 @@ def plan_threads(
     instances: int = 0,
 ) -> ThreadPlan:
     """0 / None mean automatic: one engine instance per `CPUS_PER_INSTANCE` CPUs (at least
-    one), the CPUs shared evenly among them, an all-CPU session for a batch that runs alone
-    when there are several, one decode worker per CPU (at most 8), and spinning unless the
-    instances' threads together would exceed a CFS quota."""
-    count = instances or max(1, limit.whole // CPUS_PER_INSTANCE)
+    two where there are two CPUs), the CPUs shared evenly among them, an all-CPU session
+    for a batch that runs alone when there are several, one decode worker per CPU (at
+    most 8), and spinning unless the instances' threads together would exceed a CFS
+    quota."""
+    count = instances or min(limit.whole, max(MIN_INSTANCES, limit.whole // CPUS_PER_INSTANCE))
     intra = intra_op_threads or max(1, limit.whole // count)
     solo = max(intra, limit.whole) if count > 1 else intra
     decode = decode_workers or min(MAX_DECODE_WORKERS, limit.whole)

@@ -187,6 +187,7 @@ class Runtime:
             max_queue_size=self.settings.max_queue_size,
             max_concurrent_batches=policy.concurrent_batches,
             partial_batches_while_busy=policy.partial_batches_while_busy,
+            busy_batch_size=policy.busy_batch_size,
             observer=self.metrics,
         )
         self._batcher.start()

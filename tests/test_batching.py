@@ -133,6 +133,7 @@ def make_batcher(
     max_queue_size: int = 100,
     max_concurrent_batches: int = 1,
     partial_batches_while_busy: bool = True,
+    busy_batch_size: int | None = None,
 ) -> DynamicBatcher[int, int]:
     return DynamicBatcher(
         engine,
@@ -142,6 +143,7 @@ def make_batcher(
         max_queue_size=max_queue_size,
         max_concurrent_batches=max_concurrent_batches,
         partial_batches_while_busy=partial_batches_while_busy,
+        busy_batch_size=busy_batch_size,
         observer=observer,
         clock=clock,
     )
@@ -788,6 +790,50 @@ def test_without_partial_batches_while_busy_only_a_full_batch_joins_a_running_on
         engine.release()
         await results([first, *partial, extra, *late])
         assert engine.batches == [[0], [1, 2, 9], [3, 4, 5]]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_beside_a_running_one_is_full_at_the_busy_size(
+    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    """The CPU policy: beside a running batch, two waiting images make a full batch and
+    start at once, and it takes no more than two; an idle engine takes up to the maximum."""
+
+    async def scenario() -> None:
+        batcher = make_batcher(
+            engine,
+            executor,
+            clock,
+            max_batch_size=6,
+            max_concurrent_batches=2,
+            partial_batches_while_busy=False,
+            busy_batch_size=2,
+        )
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(12)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        waiting = [slots.submit(1)]
+        await settle()
+        assert engine.batches == [[0]], "one image is not a full busy batch"
+        waiting += [slots.submit(item) for item in (2, 3, 4)]
+        await engine.wait_started(2)
+        assert engine.batches == [[0], [1, 2]], "two images beside a running batch, no more"
+        engine.release()
+        await results([first, *waiting])
+        assert engine.batches == [[0], [1, 2], [3, 4]]
+        engine.hold()
+        alone = [slots.submit(item) for item in range(10, 17)]
+        await engine.wait_started(4)
+        await settle()
+        # Nothing ran: the first batch takes the maximum; the one left is no full busy batch.
+        assert engine.batches[3:] == [[10, 11, 12, 13, 14, 15]]
+        engine.release()
+        await results(alone)
+        assert engine.batches[3:] == [[10, 11, 12, 13, 14, 15], [16]]
         await bounded(batcher.close(WAIT_S))
 
     asyncio.run(scenario())

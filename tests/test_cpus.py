@@ -35,7 +35,7 @@ def limit_v2(tmp_path: Path, limits: dict[str, str], cores: int) -> CpuLimit:
 
 @pytest.mark.parametrize(
     ("cores", "instances", "threads", "solo"),
-    [(1, 1, 1, 1), (2, 1, 2, 2), (4, 1, 4, 4), (8, 2, 4, 8), (16, 4, 4, 16), (64, 16, 4, 64)],
+    [(1, 1, 1, 1), (2, 2, 1, 2), (4, 2, 2, 4), (8, 2, 4, 8), (16, 4, 4, 16), (64, 16, 4, 64)],
 )
 def test_without_a_quota_the_affinity_mask_counts(
     tmp_path: Path, cores: int, instances: int, threads: int, solo: int
@@ -51,19 +51,23 @@ def test_without_a_quota_the_affinity_mask_counts(
 
 @pytest.mark.parametrize(
     ("cpu_max", "cpus", "threads", "decode"),
-    [("50000 100000", 0.5, 1, 1), ("200000 100000", 2.0, 2, 2), ("600000 100000", 6.0, 6, 6)],
+    [
+        ("50000 100000", 0.5, (1, 1, 1), 1),
+        ("200000 100000", 2.0, (2, 1, 2), 2),
+        ("600000 100000", 6.0, (2, 3, 6), 6),
+    ],
 )
 def test_a_quota_on_a_64_core_host_sizes_the_threads(
-    tmp_path: Path, cpu_max: str, cpus: float, threads: int, decode: int
+    tmp_path: Path, cpu_max: str, cpus: float, threads: tuple[int, int, int], decode: int
 ) -> None:
     limit = limit_v2(tmp_path, {"kubepods/pod/app": cpu_max}, cores=64)
     assert limit.cpus == cpus
     assert limit.source == "cgroup v2 cpu.max"
     plan = plan_threads(limit)
-    assert (plan.intra_op_threads, plan.decode_workers) == (threads, decode)
-    assert plan.instances * plan.intra_op_threads == threads  # one instance below 8 CPUs
+    assert (plan.instances, plan.intra_op_threads, plan.solo_threads) == threads
+    assert plan.decode_workers == decode
     # One thread on half a CPU would spin through the quota: spinning goes off there only.
-    assert plan.spinning is (threads <= cpus)
+    assert plan.spinning is (plan.instances * plan.intra_op_threads <= cpus)
 
 
 def test_a_quota_of_10_cpus_gets_two_instances_of_5_threads(tmp_path: Path) -> None:
@@ -108,9 +112,9 @@ def test_explicit_settings_win_and_spinning_follows_the_threads() -> None:
     assert (plan.intra_op_threads, plan.decode_workers, plan.spinning) == (8, 3, False)
     assert plan_threads(quota_2, intra_op_threads=8, allow_spinning=True).spinning
     assert not plan_threads(quota_2, allow_spinning=False).spinning
-    two = plan_threads(quota_2, instances=2)
-    assert (two.instances, two.intra_op_threads, two.solo_threads, two.spinning) == (2, 1, 2, True)
-    assert not plan_threads(quota_2, instances=2, intra_op_threads=2).spinning  # 4 threads > 2
+    one = plan_threads(quota_2, instances=1)
+    assert (one.instances, one.intra_op_threads, one.solo_threads, one.spinning) == (1, 2, 2, True)
+    assert not plan_threads(quota_2, intra_op_threads=2).spinning  # 2 instances x 2 > 2
 
 
 def test_a_gpu_gets_one_instance_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,10 +144,11 @@ def test_info_shows_the_plan(resnet18_package: Path) -> None:
 @pytest.mark.parametrize(
     ("cpus", "flags", "device", "expected"),
     [
-        (2.0, {}, "cpu", (1, False, True)),
+        (2.0, {}, "cpu", (2, False, True)),
         (16.0, {}, "cpu", (4, False, True)),
-        (2.0, {"max_concurrent_batches": 2}, "cpu", (2, False, True)),
-        (2.0, {"engine_instances": 2}, "cpu", (2, False, True)),
+        (2.0, {"engine_instances": 1}, "cpu", (1, False, True)),
+        (2.0, {"max_concurrent_batches": 3}, "cpu", (3, False, True)),
+        (2.0, {"partial_batches_while_busy": True}, "cpu", (2, True, True)),
         (16.0, {}, "cuda", (2, True, False)),
         (16.0, {"max_concurrent_batches": 3, "overlap_decode": False}, "cuda", (3, True, True)),
     ],
@@ -159,3 +164,14 @@ def test_the_device_policy_follows_the_plan(
         policy.partial_batches_while_busy,
         policy.decode_in_batch,
     ) == expected
+
+
+def test_a_batch_beside_a_running_one_is_small_on_cpus_only() -> None:
+    plan = plan_threads(CpuLimit(2.0, "affinity mask", None))  # 2 instances of 1 thread
+    assert device_policy(Settings(), plan, "cpu").busy_batch_size == 2
+    sixteen = plan_threads(CpuLimit(16.0, "affinity mask", None))  # 4 instances of 4 threads
+    assert device_policy(Settings(), sixteen, "cpu").busy_batch_size == 8
+    assert device_policy(Settings(max_batch_size=4), sixteen, "cpu").busy_batch_size == 4
+    assert device_policy(Settings(max_batch_size=1), plan, "cpu").busy_batch_size == 1
+    assert device_policy(Settings(busy_batch_size=5), plan, "cpu").busy_batch_size == 5
+    assert device_policy(Settings(max_batch_size=64), plan, "cuda").busy_batch_size == 64
