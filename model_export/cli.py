@@ -368,6 +368,8 @@ def export(args: argparse.Namespace, progress: Progress) -> Manifest:
                     )
                     calibration = {**calibration_info, **settings}
                 notes.append("static QDQ int8; for CPUs with VNNI or AMX")
+            candidate: verify.Runner
+            provider = verify.CPU
             if precision is Precision.FP32:
                 candidate, reference, reference_name = (
                     fp32_runner,
@@ -375,11 +377,20 @@ def export(args: argparse.Namespace, progress: Progress) -> Manifest:
                     "pytorch",
                 )
             else:
-                candidate = verify.onnx_runner(path, args.threads)
+                opener = verify.fp16_runner if precision is Precision.FP16 else verify.onnx_runner
+                runner = opener(path, args.threads)
+                candidate, provider = runner, runner.provider
                 reference, reference_name = fp32_runner, "fp32-onnx"
-            with progress.step(f"verifying {precision} against {reference_name}"):
+            where = f" on {provider}" if precision is Precision.FP16 else ""
+            with progress.step(f"verifying {precision}{where} against {reference_name}"):
                 report = verify.verify(
-                    candidate, reference, input_sets, precision, reference_name, photo_names
+                    candidate,
+                    reference,
+                    input_sets,
+                    precision,
+                    reference_name,
+                    photo_names,
+                    provider,
                 )
             _print_report(precision, report, progress)
             if not report.passed:

@@ -13,7 +13,7 @@ Tolerances (see docs/model-package.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +61,39 @@ class InputSet:
     pixels: np.ndarray  # [N, crop, crop, 3] uint8
 
 
-def onnx_runner(path: Path, threads: int = 0) -> Runner:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 
-    def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, embedding = session.run(["logits", "embedding"], {input_name: pixels})
+
+class OnnxRunner:
+    """One ONNX Runtime session as a `Runner`. `provider` is the one the session actually
+    runs on: ONNX Runtime falls back to the CPU when CUDA cannot start, and a check must
+    say where it ran."""
+
+    def __init__(self, path: Path, threads: int = 0, providers: Sequence[str] = (CPU,)) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self._input_name = self._session.get_inputs()[0].name
+        self.provider: str = self._session.get_providers()[0]
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, embedding = self._session.run(["logits", "embedding"], {self._input_name: pixels})
         return logits, embedding
 
-    return run
+
+def onnx_runner(path: Path, threads: int = 0) -> OnnxRunner:
+    """The FP32 graph and INT8 (a CPU format) run on the CPU provider."""
+    return OnnxRunner(path, threads)
+
+
+def fp16_runner(path: Path, threads: int = 0) -> OnnxRunner:
+    """FP16 runs where it is served: on CUDA when this ONNX Runtime build has it and a GPU
+    can be used. On the CPU provider ONNX Runtime wraps FP16 kernels it lacks in casts, so
+    a CPU check does not test the GPU's FP16 arithmetic; `provider` records which ran."""
+    providers = [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+    return OnnxRunner(path, threads, providers)
 
 
 def run_batched(
@@ -155,6 +176,7 @@ def verify(
     precision: Precision,
     reference_name: str,
     photo_names: list[str] | None = None,
+    provider: str = CPU,
 ) -> Verification:
     tolerances = TOLERANCES[precision]
     checks = []
@@ -177,6 +199,7 @@ def verify(
         checks=checks,
         passed=all(check.passed for check in checks),
         photos=photo_names or [],
+        provider=provider,
     )
 
 

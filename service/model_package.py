@@ -98,6 +98,9 @@ class Verification(_Strict):
     passed: bool
     # Format 2: the photos checked, by file name; never among the INT8 calibration images.
     photos: list[str] = []
+    # The execution provider the candidate ran on (FP16 on CUDA where the exporting host
+    # has a GPU); packages that predate this field were all checked on the CPU.
+    provider: str = "CPUExecutionProvider"
 
 
 class Variant(_Strict):

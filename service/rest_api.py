@@ -218,6 +218,7 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
             serving["sha256"] = variant.sha256
             serving["verified"] = variant.verification.passed
             serving["verified_against"] = variant.verification.reference
+            serving["verified_on"] = variant.verification.provider
         info["serving"] = serving
     info["threads"] = runtime.threads.describe()
     info["batching"] = {
@@ -230,6 +231,7 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
         "partial_batches_while_busy": (
             runtime.policy.partial_batches_while_busy if runtime.policy else None
         ),
+        "busy_batch_size": runtime.policy.busy_batch_size if runtime.policy else None,
         "request_timeout_ms": settings.request_timeout_ms,
     }
     info["limits"] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import threading
 import zlib
@@ -160,3 +161,29 @@ def png_claiming(width: int, height: int) -> bytes:
     data[ihdr + 4 : ihdr + 12] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
     data[ihdr + 17 : ihdr + 21] = zlib.crc32(bytes(data[ihdr : ihdr + 17])).to_bytes(4, "big")
     return bytes(data)
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """Whether this ONNX Runtime build has CUDA and a session actually gets it (not only the
+    build: onnxruntime-gpu on a host without a GPU falls back to the CPU)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(
+        model.SerializeToString(),
+        options,
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    return session.get_providers()[0] == "CUDAExecutionProvider"

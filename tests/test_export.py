@@ -37,6 +37,7 @@ from service.model_package import (
     PreprocessSpec,
 )
 from service.preprocess import ImagePreprocessor
+from tests.support import cuda_usable
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -498,6 +499,9 @@ def test_variant_checks_within_documented_tolerances(resnet50_package: Path) -> 
     for precision in (Precision.INT8, Precision.FP16):
         verification = manifest.variants[precision].verification
         assert verification.reference == "fp32-onnx"
+        # INT8 is a CPU format; FP16 runs on CUDA where this host has a usable GPU.
+        where = cuda_usable() if precision is Precision.FP16 else False
+        assert verification.provider == (verify.CUDA if where else verify.CPU)
         bounds = verify.TOLERANCES[precision]
         assert verification.tolerances == bounds
         seen = {(check.inputs, check.batch_size) for check in verification.checks}
