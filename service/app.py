@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +35,6 @@ from service.responses import error_response, json_response
 from service.rest_api import RestApi, service_version
 from service.runtime import EngineFactory, Runtime, load_onnx_engine
 from service.security import ApiKeyMiddleware, ApiKeys, open_paths
-from service.v2_grpc import V2GrpcServicer, start_grpc_server, stop_grpc_server
 from service.v2_http import V2HttpApi, is_v2_path, v2_error_response
 from service.v2_model import V2Model
 
@@ -51,7 +51,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
         title="resnet-serve",
         version=service_version(),
         summary="ImageNet labels and embedding vectors from a ResNet, on ONNX Runtime.",
-        lifespan=_lifespan(runtime, settings, V2GrpcServicer(v2_model, requests, keys, settings)),
+        lifespan=_lifespan(runtime, settings, _grpc_starter(v2_model, requests, keys, settings)),
         docs_url=None,  # served from local assets by mount_offline_docs: works offline
         redoc_url=None,
     )
@@ -76,8 +76,22 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_
     return app
 
 
+def _grpc_starter(
+    model: V2Model, requests: ImageRequests, keys: ApiKeys, settings: Settings
+) -> Callable[[], Awaitable[tuple[Any, int]]]:
+    """gRPC is imported only when it is served: without `--grpc-port` the service needs no
+    grpcio at all, nor one as new as its committed stubs ask for."""
+
+    async def start() -> tuple[Any, int]:
+        from service.v2_grpc import V2GrpcServicer, start_grpc_server
+
+        return await start_grpc_server(settings, V2GrpcServicer(model, requests, keys, settings))
+
+    return start
+
+
 def _lifespan(
-    runtime: Runtime, settings: Settings, grpc_servicer: V2GrpcServicer
+    runtime: Runtime, settings: Settings, start_grpc: Callable[[], Awaitable[tuple[Any, int]]]
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,13 +100,15 @@ def _lifespan(
         app.state.loading = loading
         grpc_server = None
         if settings.grpc_port:
-            grpc_server, app.state.grpc_port = await start_grpc_server(settings, grpc_servicer)
+            grpc_server, app.state.grpc_port = await start_grpc()
         try:
             yield
         finally:
             if not loading.done():
                 loading.cancel()
             if grpc_server is not None:  # drained with HTTP: calls in flight finish first
+                from service.v2_grpc import stop_grpc_server
+
                 await stop_grpc_server(
                     grpc_server, runtime.drain_time_left(settings.shutdown_grace_s)
                 )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import gc
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -424,3 +426,24 @@ def test_grpc_typed_contents_are_read_like_raw_contents(
             infer(typed, timeout=60)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"'{PIXELS}'" in raised.value.details()
+
+
+def test_the_service_needs_no_grpc_unless_it_serves_grpc(resnet18_package: Path) -> None:
+    """Without --grpc-port, neither grpcio nor the generated stubs are imported: a host
+    without grpcio (or with one older than the stubs ask for) still serves HTTP."""
+    script = (
+        "import sys; sys.modules['grpc'] = None\n"  # any `import grpc` now fails
+        "from fastapi.testclient import TestClient\n"
+        "from service.app import create_app\n"
+        "from service.config import Settings\n"
+        f"app = create_app(Settings(model_dir={str(resnet18_package)!r}))\n"
+        "with TestClient(app) as client:\n"
+        "    assert client.get('/healthz').status_code == 200\n"
+        "assert 'service.v2_grpc' not in sys.modules\n"
+        "print('served without grpc')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "served without grpc" in done.stdout
