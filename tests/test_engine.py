@@ -106,7 +106,10 @@ def test_graph_without_the_expected_interface_is_refused(tmp_path: Path) -> None
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
     )
     path = tmp_path / "identity.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+        str(path),
+    )
     with pytest.raises(ValueError, match="uint8"):
         InferenceEngine(path, EngineOptions(providers=["CPUExecutionProvider"]))
 

@@ -59,6 +59,9 @@ def served(request: pytest.FixtureRequest, resnet18_package: Path) -> Iterator[t
         precision="fp32",
         max_batch_size=8,
         overlap_decode=request.param,
+        # The reference runs on the CPU and answers must equal it to 1e-4; on a CUDA host
+        # `auto` would serve with TF32 convolutions (tests/test_cuda.py covers the GPU).
+        providers=["CPUExecutionProvider"],
     )
     app = create_app(settings)
     with running_server(app) as url:
@@ -315,8 +318,8 @@ def test_int8_variant_is_served_when_asked(
     pixels = ImagePreprocessor(ModelPackage.load(resnet18_package).manifest.preprocessing, 10**8)(
         data
     )
-    session = ort.InferenceSession(
-        str(resnet18_package / "model.int8.onnx"), providers=["CPUExecutionProvider"]
+    session = ort.InferenceSession(  # where the server ran it: CPU, or CUDA on a GPU host
+        str(resnet18_package / "model.int8.onnx"), providers=info["serving"]["execution_providers"]
     )
     expected = session.run(["embedding"], {"images": pixels[None]})[0][0]
     np.testing.assert_allclose(response.json()["embeddings"][0], expected, rtol=1e-4, atol=1e-5)
