@@ -320,7 +320,15 @@ def test_an_image_that_fails_to_decode_in_a_batch_fails_alone(
     """A JPEG whose header is fine but whose data is cut off passes the check at the door,
     is decoded inside the batch, and fails only its own request (400), not its batch."""
     gate = gated(fake_engine)
-    _, app = serve(resnet18_package, fake_engine, max_batch_size=8, overlap_decode=False)
+    # One batch at a time, so the three wait together and form one batch (with two engine
+    # instances, two of them would be a full batch beside the running one).
+    _, app = serve(
+        resnet18_package,
+        fake_engine,
+        max_batch_size=8,
+        overlap_decode=False,
+        max_concurrent_batches=1,
+    )
     good = next(iter(photo_jpegs.values()))
     truncated = good[: len(good) // 3]
 
