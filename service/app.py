@@ -27,13 +27,14 @@ from service import tracing
 from service.config import Settings
 from service.errors import InvalidParameter, ServiceError
 from service.handling import ImageRequests
+from service.loading import EngineFactory, load_onnx_engine
 from service.logs import RequestIdMiddleware
 from service.metrics import ServiceMetrics
 from service.openapi_docs import mount_offline_docs
 from service.params import shown
 from service.responses import error_response, json_response
 from service.rest_api import RestApi, service_version
-from service.runtime import EngineFactory, Runtime, load_onnx_engine
+from service.runtime import Runtime
 from service.security import ApiKeyMiddleware, ApiKeys, open_paths
 from service.v2_http import V2HttpApi, is_v2_path, v2_error_response
 from service.v2_model import V2Model

@@ -17,20 +17,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
 
 import numpy as np
 
 from service.batching import Completed, DynamicBatcher
 from service.config import Settings
-from service.engine import (
-    CUDA,
-    EngineOptions,
-    InferenceEngine,
-    resolve_providers,
-)
 from service.errors import (
     DeadlineExceeded,
     Draining,
@@ -40,15 +33,23 @@ from service.errors import (
     ServiceError,
 )
 from service.limits import PixelBudget
+from service.loading import (
+    Engine,
+    EngineFactory,
+    Served,
+    load_onnx_engine,
+    log_load,
+    log_plan,
+    record_load,
+)
 from service.metrics import ServiceMetrics
-from service.model_package import ModelPackage, Precision
+from service.model_package import ModelPackage
 from service.policy import DevicePolicy, device_policy
 from service.preprocess import ImagePreprocessor
-from service.providers import check_providers, open_variant
+from service.providers import check_providers
 
 log = logging.getLogger("resnet_serve")
 
-Outputs = tuple[np.ndarray, np.ndarray]  # a batch's (logits, embeddings)
 Pending = np.ndarray | bytes  # what the batcher carries: decoded pixels, or bytes to decode
 
 
@@ -60,20 +61,6 @@ class ImageOutput:
     embedding: np.ndarray
     decode_s: float  # 0 when it was decoded before it was queued
     infer_s: float
-
-
-class Engine(Protocol):
-    """What the runtime needs of an engine (the real one, or a test double)."""
-
-    providers: list[str]  # what the session got
-    providers_requested: list[str]  # what it was created with (`auto` resolved)
-    device: str
-
-    def run(self, batch: np.ndarray) -> Outputs: ...
-    def warm_up(self, batch_sizes: list[int]) -> None: ...
-
-
-EngineFactory = Callable[[Settings, ModelPackage], tuple[Engine, Precision, list[str]]]
 
 
 class State(StrEnum):
@@ -91,38 +78,6 @@ class ImageResult:
     queued_s: float
     infer_s: float
     batch_size: int
-
-
-@dataclass
-class Served:
-    """What was actually loaded: may differ from what was asked (see `warnings`)."""
-
-    precision: Precision
-    providers: list[str]
-    device: str
-    warnings: list[str] = field(default_factory=list)
-    providers_requested: list[str] = field(default_factory=list)
-    gpu_fallback: str | None = None  # why a GPU that was asked for is not in use
-
-
-def load_onnx_engine(
-    settings: Settings, package: ModelPackage
-) -> tuple[Engine, Precision, list[str]]:
-    providers = resolve_providers(settings.providers)
-    threads = settings.thread_plan(gpu=CUDA in providers)
-    options = EngineOptions(
-        providers=providers,
-        device_id=settings.device_id,
-        instances=threads.instances,
-        intra_op_threads=threads.intra_op_threads,
-        solo_threads=threads.solo_threads,
-        inter_op_threads=settings.inter_op_threads,
-        allow_spinning=threads.spinning,
-    )
-    # The variant follows the providers the session got, not those asked for.
-    return open_variant(
-        package, settings.precision, providers, lambda path: InferenceEngine(path, options)
-    )
 
 
 class Runtime:
@@ -225,49 +180,12 @@ class Runtime:
         warm_started = time.perf_counter()
         engine.warm_up(sizes)
         self._engine = engine
-        self.metrics.model_loaded(  # observability hook (issue 10)
-            warm_started - started, time.perf_counter() - warm_started, engine.device,
-            self.settings.device_id,
-        )  # fmt: skip
-        self.metrics.model.info(
-            {
-                "name": manifest.name,
-                "version": manifest.version,
-                "arch": manifest.arch,
-                "precision": str(precision),
-                "trained": str(manifest.trained).lower(),
-                "device": engine.device,
-                "providers": ",".join(engine.providers),
-                "gpu_fallback": str(report.gpu_fallback).lower(),
-            }
+        load_s, warm_s = warm_started - started, time.perf_counter() - warm_started
+        record_load(
+            self.metrics, self.settings, manifest, precision, engine, report, load_s, warm_s
         )
-        log.info(
-            "loaded %s v%s (%s, %s, %s) on %s in %.1f s, warm-up over batch sizes %s in %.1f s",
-            manifest.name,
-            manifest.version,
-            manifest.arch,
-            precision,
-            "trained" if manifest.trained else "UNTRAINED",
-            ", ".join(engine.providers),
-            warm_started - started,
-            sizes,
-            time.perf_counter() - warm_started,
-        )
-        plan = self.threads
-        log.info(
-            "threads: %g CPU(s) available (%s); %d engine instance(s) of %d ONNX Runtime "
-            "thread(s)%s, spinning %s; %d batch(es) at once; %d decode worker(s)",
-            plan.limit.cpus,
-            plan.limit.source,
-            plan.instances,
-            plan.intra_op_threads,
-            f" and a {plan.solo_threads}-thread session for lone batches"
-            if plan.solo_threads > plan.intra_op_threads and engine.device == "cpu"
-            else "",
-            "on" if plan.spinning else "off",
-            self.policy.concurrent_batches,
-            plan.decode_workers,
-        )
+        log_load(manifest, precision, engine, sizes, load_s, warm_s)
+        log_plan(self.threads, self.policy, engine.device)
 
     def begin_drain(self, grace_s: float | None = None) -> None:
         """Readiness goes 503 and new requests are refused; accepted ones carry on. The
