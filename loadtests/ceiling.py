@@ -18,30 +18,20 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings
-from service.engine import CUDA, EngineOptions, InferenceEngine, resolve_providers
+from service.loading import load_onnx_engine
 from service.model_package import ModelPackage, Precision
 from service.policy import device_policy
 from service.preprocess import ImagePreprocessor
-from service.providers import open_variant
 
 
 class InProcess:
     def __init__(self, model_dir: Path, precision: Precision, settings: Settings) -> None:
         package = ModelPackage.load(model_dir)
-        providers = resolve_providers(settings.providers)
-        threads = settings.thread_plan(gpu=CUDA in providers)  # the server's own plan
-        options = EngineOptions(
-            providers=providers,
-            instances=threads.instances,
-            intra_op_threads=threads.intra_op_threads,
-            solo_threads=threads.solo_threads,
-            inter_op_threads=settings.inter_op_threads,
-            allow_spinning=threads.spinning,
-        )
-        # The server's own choice: the variant follows the providers the session got.
-        self.engine, self.precision, _ = open_variant(
-            package, precision, providers, lambda path: InferenceEngine(path, options)
-        )
+        # The server's own loading: its engine options, and the variant chosen for the
+        # providers the session got.
+        settings = settings.model_copy(update={"precision": precision})
+        self.engine, self.precision, _ = load_onnx_engine(settings, package)
+        threads = settings.thread_plan(gpu=self.engine.device != "cpu")  # as the runtime
         self.concurrency = device_policy(settings, threads, self.engine.device).concurrent_batches
         self.preprocess = ImagePreprocessor(
             package.manifest.preprocessing, settings.max_image_pixels

@@ -143,13 +143,6 @@ async def saturation(
     return max(levels, key=lambda row: float(row["images_per_s"])) | {"levels": levels}
 
 
-async def open_loop(
-    host: str, port: int, raw: list[bytes], rate: float, args: argparse.Namespace
-) -> dict[str, Any]:
-    result = await client.open_loop(host, port, raw, rate, args.open_s)
-    return result.summary()
-
-
 def measure(
     args: argparse.Namespace, precision: str, batch_size: int, gpu: GpuSampler, small: list[bytes]
 ) -> dict[str, Any]:
@@ -170,7 +163,9 @@ def measure(
         lone = asyncio.run(client.closed_loop(host, port, raw, 1, args.duration / 2, 0.5))
         rate = best["requests_per_s"]
         loads = {
-            f"{load:g}": asyncio.run(open_loop(host, port, raw, load * rate, args))
+            f"{load:g}": asyncio.run(
+                client.open_loop(host, port, raw, load * rate, args.open_s)
+            ).summary()
             for load in parse_floats(args.loads)
         }
     settings = settings_from_flags(flags)

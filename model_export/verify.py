@@ -108,7 +108,8 @@ def run_batched(
     )
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine similarity of each row of `a` with the same row of `b`."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
     return np.sum(a64 * b64, axis=1) / np.maximum(norms, 1e-30)
@@ -130,8 +131,8 @@ def compare(
     (logits, embedding), (ref_logits, ref_embedding) = candidate, reference
     logits_abs = float(np.max(np.abs(logits - ref_logits)))
     scale = float(np.max(np.abs(ref_logits))) or 1.0
-    logits_cosines = _cosines(logits, ref_logits)
-    embedding_cosines = _cosines(embedding, ref_embedding)
+    logits_cosines = cosines(logits, ref_logits)
+    embedding_cosines = cosines(embedding, ref_embedding)
     k = min(5, logits.shape[1])
     top5 = _top_k(logits, k)
     ref_top5 = _top_k(ref_logits, k)

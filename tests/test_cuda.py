@@ -33,11 +33,6 @@ def photo_pixels(resnet18_fp16_package: Path, photo_jpegs: dict[str, bytes]) -> 
     return np.stack([preprocess(body) for body in photo_jpegs.values()])
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return np.sum(a64 * b64, axis=1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
-
-
 def test_the_engine_runs_on_cuda_and_agrees_with_the_cpu(
     resnet18_fp16_package: Path, photo_pixels: np.ndarray
 ) -> None:
@@ -56,8 +51,8 @@ def test_the_engine_runs_on_cuda_and_agrees_with_the_cpu(
             )
         )
         # FP32 convolutions on CUDA may use TF32 tensor cores: close, not bit-equal.
-        assert _cosines(logits, expected_logits).min() > 0.9999
-        assert _cosines(embedding, expected_embedding).min() > 0.9999
+        assert verify.cosines(logits, expected_logits).min() > 0.9999
+        assert verify.cosines(embedding, expected_embedding).min() > 0.9999
         assert (logits.argmax(1) == expected_logits.argmax(1)).all()
 
 
@@ -103,7 +98,7 @@ def test_the_service_serves_fp16_on_the_gpu(
             assert top[0] == int(expected_logits[index].argmax())
             embedded = http.post("/embed", content=body, headers={"content-type": "image/jpeg"})
             vector = np.asarray(embedded.json()["embeddings"][0], dtype=np.float32)
-            assert _cosines(vector[None], expected_embedding[index][None])[0] > 0.999
+            assert verify.cosines(vector[None], expected_embedding[index][None])[0] > 0.999
         metrics = http.get("/metrics").text
     assert 'device="cuda"' in metrics
     assert 'gpu_fallback="false"' in metrics
