@@ -3,9 +3,9 @@
 
 Per image the work is decode + resize + crop, then ONNX Runtime. The throughput ceiling
 decodes a batch on a pool of `decode_workers` threads, then runs it, batch after batch,
-in as many loops at once as the server runs batches (each on its own engine instance, as
-in the server), and is the best of one loop and that many; the single-image time does one
-image at a time on one thread.
+and is the best of one loop whose batches run alone (on every CPU) and as many loops at
+once as the server runs batches (each on its own engine instance, as in the server); the
+single-image time does one image at a time, alone.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class InProcess:
             count = 0
             while time.perf_counter() < stop:
                 batch = [jpegs[(offset + count + i) % len(jpegs)] for i in range(batch_size)]
-                self.engine.run(np.stack(list(self.pool.map(self.preprocess, batch))))
+                pixels = np.stack(list(self.pool.map(self.preprocess, batch)))
+                self.engine.run(pixels, alone=loops == 1)
                 count += batch_size
             return count
 
@@ -76,7 +77,7 @@ class InProcess:
             started = time.perf_counter()
             pixels = self.preprocess(jpegs[index % len(jpegs)])
             decoded = time.perf_counter()
-            self.engine.run(pixels[None])
+            self.engine.run(pixels[None], alone=True)
             done = time.perf_counter()
             decode.append(decoded - started)
             infer.append(done - decoded)

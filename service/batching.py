@@ -4,18 +4,24 @@ One task owns the queue. Callers reserve capacity (`reserve`, which fails fast w
 `QueueFull` when the queue is at `max_queue_size`), then `submit` items and await their
 futures. The owner forms a batch when an engine slot is free and one of these holds:
 
-- the queue holds `max_batch_size` items;
+- the queue holds a full batch: `max_batch_size` items, or `busy_batch_size` while
+  another batch runs (a batch beside a running one shares the device, and on a CPU runs
+  on an instance with a share of the cores, where a large batch would hold its images for
+  several times as long as on all of them);
 - the engine is idle: nothing runs and it has been free for `max_queue_delay`, or the
   queue holds as many items as the last batch had. A lone request never waits for
   company, while right after a batch of N the queue gets up to `max_queue_delay` to
   refill to N, so a steady load keeps its batch size instead of splitting (`_due`);
 - while a batch runs (with `max_concurrent_batches` > 1), the oldest waiting item has
   waited `max_queue_delay` (unless `partial_batches_while_busy` is off: then only full
-  batches start beside a running one, which suits a CPU, where a second batch takes
-  cores from the first and pays only under a backlog). A batch that starts beside a
-  running one is full at `busy_batch_size` (default `max_batch_size`) and takes no more:
-  on a CPU it runs on an instance with a share of the cores, where a large batch would
-  hold its images for several times as long as on all of them.
+  batches start beside a running one).
+
+With `run_alone` (a CPU engine with a session on every core beside its one-per-batch
+instances), a batch that starts while nothing runs and the queue holds no more than
+`busy_batch_size` items runs *alone*, on `run_alone`: nothing starts beside it until it
+ends, because a batch beside it would take cores its threads spin on (both slow down, and
+the two together serve less than either alone). A longer queue is work for several
+instances at once: it goes out in batches of at most `busy_batch_size`, side by side.
 
 Items whose future is already done (the caller gave up: deadline, disconnect) are
 skipped before they reach the engine and counted. Each batch runs on an executor, off
@@ -93,6 +99,7 @@ class _State:
     closing: bool = False
     last_batch_size: int = 0
     last_finished: float = float("-inf")
+    alone: bool = False  # a batch runs alone: nothing may start beside it
     running_batches: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -127,10 +134,13 @@ class Reservation(Generic[T, R]):
         self.release()
 
 
+RunBatch = Callable[[list[T]], Sequence[R | BaseException]]
+
+
 class DynamicBatcher(Generic[T, R]):
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Sequence[R | BaseException]],
+        run_batch: RunBatch[T, R],
         executor: Executor,
         *,
         max_batch_size: int,
@@ -139,12 +149,14 @@ class DynamicBatcher(Generic[T, R]):
         max_concurrent_batches: int = 1,
         partial_batches_while_busy: bool = True,
         busy_batch_size: int | None = None,
+        run_alone: RunBatch[T, R] | None = None,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_concurrent_batches < 1:
             raise ValueError("batch size, queue size and concurrency must be positive")
         self._run_batch = run_batch
+        self._run_alone = run_alone
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.busy_batch_size = min(busy_batch_size or max_batch_size, max_batch_size)
@@ -245,25 +257,26 @@ class DynamicBatcher(Generic[T, R]):
     async def _dispatch_loop(self) -> None:
         while True:
             await self._slots.acquire()
-            batch = await self._next_batch()
-            if batch is None:
+            taken = await self._next_batch()
+            if taken is None:
                 self._slots.release()
                 return
-            task = asyncio.create_task(self._run(batch))
+            task = asyncio.create_task(self._run(*taken))
             self._state.running_batches.add(task)
             task.add_done_callback(self._state.running_batches.discard)
 
-    async def _next_batch(self) -> list[_Pending[T, R]] | None:
-        """Wait until a batch is due, then take it; None once closing with nothing left."""
+    async def _next_batch(self) -> tuple[list[_Pending[T, R]], bool] | None:
+        """Wait until a batch is due, then take it with whether it runs alone; None once
+        closing with nothing left. Nothing is due while a batch runs alone."""
         while True:
             self._drop_abandoned()
             timeout: float | None = None
-            if self._queue:
+            if self._queue and not self._state.alone:
                 now = self._clock()
                 if len(self._queue) >= self._batch_limit() or self._state.closing or self._due(now):
                     return self._take()
                 timeout = self._time_until_due(now)
-            elif self._state.closing and self._state.reserved == 0:
+            elif not self._queue and self._state.closing and self._state.reserved == 0:
                 return None
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -272,7 +285,10 @@ class DynamicBatcher(Generic[T, R]):
                 )
 
     def _batch_limit(self) -> int:
-        return self.busy_batch_size if self._state.in_flight else self.max_batch_size
+        """`busy_batch_size` beside a running batch, and always where batches may run
+        alone (one that fits in it runs alone; a longer queue makes several)."""
+        shares = self._state.in_flight or self._run_alone is not None
+        return self.busy_batch_size if shares else self.max_batch_size
 
     def _due(self, now: float) -> bool:
         """Whether a partial batch should go now.
@@ -323,23 +339,31 @@ class DynamicBatcher(Generic[T, R]):
             self._queue = kept
             self._observer.queue_depth(self.depth)
 
-    def _take(self) -> list[_Pending[T, R]]:
+    def _take(self) -> tuple[list[_Pending[T, R]], bool]:
+        state = self._state
+        alone = (
+            self._run_alone is not None
+            and not state.in_flight
+            and len(self._queue) <= self.busy_batch_size
+        )
         batch: list[_Pending[T, R]] = []
         limit = self._batch_limit()
         while self._queue and len(batch) < limit:
             batch.append(self._queue.popleft())
-        self._state.in_flight += 1
+        state.in_flight += 1
+        state.alone = alone
         self._observer.queue_depth(self.depth)
-        return batch
+        return batch, alone
 
-    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+    async def _run(self, batch: list[_Pending[T, R]], alone: bool) -> None:
         started = self._clock()
         self._observer.batch_started(len(batch), [started - p.enqueued_at for p in batch])
+        run_batch = self._run_alone if alone and self._run_alone else self._run_batch
         failed = True
         try:
             loop = asyncio.get_running_loop()
             items = [pending.item for pending in batch]
-            results = await loop.run_in_executor(self._executor, self._run_batch, items)
+            results = await loop.run_in_executor(self._executor, run_batch, items)
             if len(results) != len(batch):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} items")
             run_s = self._clock() - started
@@ -364,6 +388,8 @@ class DynamicBatcher(Generic[T, R]):
             self._state.last_batch_size = len(batch)
             self._state.last_finished = finished
             self._state.in_flight -= 1
+            if alone:
+                self._state.alone = False
             self._slots.release()
             self._wakeup.set()
 

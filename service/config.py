@@ -79,25 +79,27 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="batches running on the engine at once (default: the number of engine "
-        "instances on CPUs, 2 on GPUs). CPUs: one batch per engine instance; a batch starts "
-        "beside a running one only when a full batch is waiting. GPUs: concurrent runs on "
+        "instances on CPUs, 2 on GPUs). CPUs: one batch per engine instance, except that a "
+        "batch that starts while nothing runs, with no more queued than one busy batch, "
+        "runs alone on every CPU and nothing starts beside it. GPUs: concurrent runs on "
         "one session, each on its own CUDA stream, so the next batch is queued while the "
         "last one's results are copied back",
     )
-    partial_batches_while_busy: bool | None = Field(
-        None,
+    partial_batches_while_busy: bool = Field(
+        True,
         description="let a partial batch start beside a running one once its oldest image "
-        "has waited --max-queue-delay-ms (default: on GPUs; on CPUs only a full batch "
-        "starts beside a running one)",
+        "has waited --max-queue-delay-ms (default: on; off: only a full batch starts beside "
+        "a running one)",
     )
     busy_batch_size: int | None = Field(
         None,
         ge=1,
         le=1024,
-        description="images in a batch that starts beside a running one, at most (it is "
-        "full, and starts, at that size); default: on CPUs, where it runs on an engine "
-        "instance with a share of the cores, 2 per thread of an instance; max_batch_size "
-        "on GPUs",
+        description="images in a batch that shares the engine, at most: one that starts "
+        "beside a running batch, and on CPUs any batch but one that runs alone (it is full, "
+        "and starts, at that size); default: on CPUs, where it runs on an engine instance "
+        "with a share of the cores, 1 on one-thread instances and 2 per thread on larger "
+        "ones; max_batch_size on GPUs",
     )
     request_timeout_ms: float = Field(
         30_000, gt=0, description="per-request deadline from arrival; beyond it: 504"

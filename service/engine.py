@@ -89,11 +89,12 @@ class InferenceEngine:
 
     `instances` sessions run batches side by side, each with `intra_op_threads` threads,
     as Triton's instance groups do: a batch waits on its own threads' barriers only, never
-    on another batch's. On CPUs with several instances, a batch that starts while nothing
-    else runs goes to one more session with `solo_threads` (every CPU), so a lone request
-    gets the latency of the whole machine; batches that overlap it or each other take a
-    free instance. `run` may be called from up to `instances` threads at once (more share
-    sessions, which ONNX Runtime allows).
+    on another batch's. On CPUs with several instances there is one more session, with
+    `solo_threads` (every CPU), for a batch that runs *alone* (`run(batch, alone=True)`:
+    the caller promises that nothing else runs until it returns), so a lone request gets
+    the latency of the whole machine. Other batches take a free instance. `run` may be
+    called from up to `instances` threads at once (more share sessions, which ONNX Runtime
+    allows).
     """
 
     def __init__(self, model_path: Path, options: EngineOptions) -> None:
@@ -143,15 +144,25 @@ class InferenceEngine:
         self._solo: ort.InferenceSession | None = None
         if self.device == "cpu" and count > 1 and options.solo_threads > options.intra_op_threads:
             self._solo = open_session(options.solo_threads)
-        self._solo_busy = False
         self._lock = threading.Lock()
 
     @property
     def sessions(self) -> int:
         return len(self._instances) + (self._solo is not None)
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`batch` is uint8 [N, H, W, 3]; returns float32 logits [N, C] and embeddings [N, D]."""
+    @property
+    def has_solo_session(self) -> bool:
+        """Whether a batch that runs alone gets more threads than one on an instance."""
+        return self._solo is not None
+
+    def run(self, batch: np.ndarray, alone: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`batch` is uint8 [N, H, W, 3]; returns float32 logits [N, C] and embeddings [N, D].
+
+        `alone`: nothing else runs on this engine until this returns, so the batch may
+        take every CPU (the solo session); a batch beside it there would fight its threads.
+        """
+        if alone and self._solo is not None:
+            return self._run_on(self._solo, batch)
         session, instance = self._acquire()
         try:
             return self._run_on(session, batch)
@@ -159,21 +170,15 @@ class InferenceEngine:
             self._release(session, instance)
 
     def _acquire(self) -> tuple[ort.InferenceSession, bool]:
-        """The session for the next batch, and whether it is one of the instances."""
+        """A free instance for the next batch, and whether it must be given back."""
         with self._lock:
-            idle = not self._solo_busy and len(self._free) == len(self._instances)
-            if self._solo is not None and idle:
-                self._solo_busy = True
-                return self._solo, False
             if self._free:
                 return self._free.pop(), True
         return self._instances[0], False  # more callers than instances: share the first
 
     def _release(self, session: ort.InferenceSession, instance: bool) -> None:
-        with self._lock:
-            if session is self._solo:
-                self._solo_busy = False
-            elif instance:
+        if instance:
+            with self._lock:
                 self._free.append(session)
 
     def _run_on(

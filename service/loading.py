@@ -31,7 +31,10 @@ class Engine(Protocol):
     providers_requested: list[str]  # what it was created with (`auto` resolved)
     device: str
 
-    def run(self, batch: np.ndarray) -> Outputs: ...
+    @property
+    def has_solo_session(self) -> bool: ...  # a batch that runs alone gets every CPU
+
+    def run(self, batch: np.ndarray, alone: bool = False) -> Outputs: ...
     def warm_up(self, batch_sizes: list[int]) -> None: ...
 
 

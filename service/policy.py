@@ -2,15 +2,17 @@
 
 - Concurrent batches: on CPUs one per engine instance, each on its own cores; on GPUs two,
   so the next batch is copied to the device while the current one computes.
-- Partial batches beside a running one: on GPUs, after `max_queue_delay`. On CPUs only a
-  full batch starts beside a running one: the first batch of a quiet spell runs alone on
-  every core (the lowest latency), and a second one would take cores from it; once a full
-  batch waits, there is a backlog, and batches on instances of their own serve more per
-  core (no waiting on each other's thread barriers). Such a batch is full, and starts, at
-  `CPU_BUSY_IMAGES_PER_THREAD` images per thread of its instance: on 2 CPUs (instances of
-  one thread) a batch of 8 beside a running one held its requests for several times as
-  long as on all the cores, which measured as the open-loop tail; on 16 CPUs (instances of
-  four threads) batches of 2 left the instances starving (docs/benchmarks.md).
+- Batches that run alone (CPUs with several instances; the batcher's `run_alone`): a batch
+  that starts while nothing runs, with no more queued than one busy batch, runs on every
+  CPU and nothing starts beside it (a batch beside it took cores its threads spin on: on 2
+  CPUs the two together served 47 img/s against 59-63 for either way alone). A longer queue
+  goes to the instances, side by side.
+- The busy batch size (the most images a batch on an instance takes): on CPUs, one image
+  on one-thread instances, which have no barrier to amortise (per-core speed was the same
+  at batches of 1 to 8 on 2 CPUs, and one image at a time halved the open-loop tail at 80%
+  and 95% load against two); `CPU_BUSY_IMAGES_PER_THREAD` on instances of several threads
+  (on 16 CPUs, four-thread instances with batches of 2 starved). docs/benchmarks.md has
+  the figures.
 - Decoding: on CPUs as the first step of each batch (decoding and inference share the cores,
   and overlapping them only makes each slower); on GPUs before queueing, while the GPU runs.
 - Warm-up: every batch size on GPUs (each shape gets its own kernel search), powers of two
@@ -25,8 +27,7 @@ from service.config import Settings
 from service.cpus import ThreadPlan
 
 GPU_CONCURRENT_BATCHES = 2
-# On CPUs a batch that starts beside a running one runs on an instance with a share of the
-# cores: 2 images per thread take it about as long as a lone batch of 4 on 2 threads.
+# On CPUs a batch on an instance of several threads takes up to 2 images per thread.
 CPU_BUSY_IMAGES_PER_THREAD = 2
 
 
@@ -35,7 +36,7 @@ class DevicePolicy:
     device: str
     concurrent_batches: int
     partial_batches_while_busy: bool
-    busy_batch_size: int  # the most images a batch that starts beside a running one takes
+    busy_batch_size: int  # the most images a batch that shares the engine takes
     decode_in_batch: bool
     warmup_sizes: list[int]
 
@@ -48,11 +49,7 @@ def device_policy(settings: Settings, plan: ThreadPlan, device: str) -> DevicePo
     return DevicePolicy(
         device=device,
         concurrent_batches=concurrency,
-        partial_batches_while_busy=(
-            not on_cpu
-            if settings.partial_batches_while_busy is None
-            else settings.partial_batches_while_busy
-        ),
+        partial_batches_while_busy=settings.partial_batches_while_busy,
         busy_batch_size=settings.busy_batch_size or busy_batch_size(settings, plan, on_cpu),
         decode_in_batch=not (overlap if overlap is not None else not on_cpu),
         warmup_sizes=settings.warmup_batch_sizes or warmup_sizes(settings.max_batch_size, on_cpu),
@@ -62,6 +59,8 @@ def device_policy(settings: Settings, plan: ThreadPlan, device: str) -> DevicePo
 def busy_batch_size(settings: Settings, plan: ThreadPlan, on_cpu: bool) -> int:
     if not on_cpu:
         return settings.max_batch_size
+    if plan.intra_op_threads == 1:
+        return 1  # no barrier to amortise: one image at a time runs at full speed per core
     return min(settings.max_batch_size, CPU_BUSY_IMAGES_PER_THREAD * plan.intra_op_threads)
 
 

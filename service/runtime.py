@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 
 import numpy as np
 
@@ -143,6 +144,9 @@ class Runtime:
             max_concurrent_batches=policy.concurrent_batches,
             partial_batches_while_busy=policy.partial_batches_while_busy,
             busy_batch_size=policy.busy_batch_size,
+            run_alone=(
+                partial(self._run_batch, alone=True) if self._engine.has_solo_session else None
+            ),
             observer=self.metrics,
         )
         self._batcher.start()
@@ -362,10 +366,13 @@ class Runtime:
         except ServiceError as error:
             return error, 0.0
 
-    def _run_batch(self, items: list[Pending]) -> list[ImageOutput | BaseException]:
+    def _run_batch(
+        self, items: list[Pending], alone: bool = False
+    ) -> list[ImageOutput | BaseException]:
         """Runs on the engine thread. With in-batch decoding, the batch's images are
         decoded first (on the decode pool, in parallel) and an image that fails to decode
-        fails alone; then the engine runs on the rest."""
+        fails alone; then the engine runs on the rest (on every CPU if the batch runs
+        alone, which the batcher decides)."""
         assert self._engine is not None
         if len(items) == 1 or not self.decode_in_batch:
             decoded = [self._decode_or_error(item) for item in items]
@@ -375,7 +382,7 @@ class Runtime:
         logits = embeddings = np.empty((0, 0), dtype=np.float32)
         started = time.perf_counter()
         if pixels:
-            logits, embeddings = self._engine.run(np.stack(pixels))
+            logits, embeddings = self._engine.run(np.stack(pixels), alone)
         infer_s = time.perf_counter() - started
         outputs: list[ImageOutput | BaseException] = []
         row = 0

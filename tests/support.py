@@ -86,13 +86,16 @@ class FakeEngine:
     providers: list[str] = field(default_factory=lambda: ["FakeExecutionProvider"])
     providers_requested: list[str] = field(default_factory=lambda: ["FakeExecutionProvider"])
     device: str = "cpu"
+    has_solo_session: bool = False
     batches: list[np.ndarray] = field(default_factory=list)
+    alone: list[bool] = field(default_factory=list)  # of each batch: whether it ran alone
     gate: threading.Event | None = None
     running: threading.Event = field(default_factory=threading.Event)
     fail_when: object = None  # a callable(batch) -> bool: raise for such batches
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray, alone: bool = False) -> tuple[np.ndarray, np.ndarray]:
         self.batches.append(batch.copy())
+        self.alone.append(alone)
         self.running.set()
         if self.gate is not None and not self.gate.wait(30):
             raise TimeoutError("test gate never opened")

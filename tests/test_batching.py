@@ -837,3 +837,154 @@ def test_a_batch_beside_a_running_one_is_full_at_the_busy_size(
         await bounded(batcher.close(WAIT_S))
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- batches that run alone
+
+
+class SteppedEngine:
+    """`run_batch` and `run_alone` for the batcher: records each batch and whether it ran
+    alone; each batch blocks until the test finishes it by index (or `finish_all`)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.ran_alone: list[bool] = []
+        self._done: list[threading.Event] = []
+        self._all_done = False
+        self._changed = threading.Condition()
+
+    def run(self, items: list[int], alone: bool = False) -> list[int]:
+        done = threading.Event()
+        with self._changed:
+            self.batches.append(list(items))
+            self.ran_alone.append(alone)
+            self._done.append(done)
+            if self._all_done:
+                done.set()
+            self._changed.notify_all()
+        if not done.wait(WAIT_S * 2):
+            raise RuntimeError("the test never finished this batch")
+        return [item * 10 for item in items]
+
+    def run_alone(self, items: list[int]) -> list[int]:
+        return self.run(items, alone=True)
+
+    def finish(self, index: int) -> None:
+        self._done[index].set()
+
+    def finish_all(self) -> None:
+        with self._changed:
+            self._all_done = True
+            for done in self._done:
+                done.set()
+
+    def _wait_batches(self, count: int) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.batches) >= count, WAIT_S)
+
+    async def wait_started(self, count: int) -> None:
+        if not await asyncio.to_thread(self._wait_batches, count):
+            pytest.fail(f"the engine got {self.batches}, expected at least {count} batches")
+
+
+@pytest.fixture
+def stepped() -> Iterator[SteppedEngine]:
+    engine = SteppedEngine()
+    yield engine
+    engine.finish_all()  # never leave a pool thread blocked, whatever the test did
+
+
+def alone_batcher(
+    engine: SteppedEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> DynamicBatcher[int, int]:
+    """The CPU policy with a solo session: 2 instances, batches of 2 beside each other."""
+    return DynamicBatcher(
+        engine.run,
+        executor,
+        max_batch_size=8,
+        max_queue_delay_s=0.0,
+        max_queue_size=100,
+        max_concurrent_batches=2,
+        busy_batch_size=2,
+        run_alone=engine.run_alone,
+        clock=clock,
+    )
+
+
+def test_nothing_starts_beside_a_batch_that_runs_alone(
+    stepped: SteppedEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    """A lone request runs alone; a full batch that arrives meanwhile waits for it, then
+    the queue (longer than one busy batch) goes out in busy batches side by side."""
+
+    async def scenario() -> None:
+        batcher = alone_batcher(stepped, executor, clock)
+        batcher.start()
+        slots = batcher.reserve(5)
+        futures = [slots.submit(0)]
+        await stepped.wait_started(1)
+        futures += [slots.submit(item) for item in (1, 2, 3)]
+        clock.advance(5.0)
+        await settle()
+        assert stepped.batches == [[0]], "a batch started beside one that runs alone"
+        stepped.finish(0)
+        await stepped.wait_started(3)
+        assert stepped.batches == [[0], [1, 2], [3]]
+        assert stepped.ran_alone == [True, False, False]
+        futures.append(slots.submit(4))  # both instances busy: waits for one
+        await settle()
+        assert len(stepped.batches) == 3
+        stepped.finish(2)
+        await stepped.wait_started(4)
+        assert stepped.batches[3] == [4]
+        assert stepped.ran_alone[3] is False, "a batch beside a running one never runs alone"
+        stepped.finish_all()
+        done = await results(futures)
+        assert [completed.value for completed in done] == [0, 10, 20, 30, 40]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_a_queue_that_fits_one_busy_batch_runs_alone_as_one_batch(
+    stepped: SteppedEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        batcher = alone_batcher(stepped, executor, clock)
+        batcher.start()
+        slots = batcher.reserve(3)
+        futures = [slots.submit(0)]
+        await stepped.wait_started(1)
+        futures += [slots.submit(1), slots.submit(2)]
+        await settle()
+        stepped.finish(0)
+        await stepped.wait_started(2)
+        await settle()
+        assert stepped.batches == [[0], [1, 2]]
+        assert stepped.ran_alone == [True, True]
+        stepped.finish_all()
+        await results(futures)
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_close_waits_for_a_batch_that_runs_alone_then_runs_the_queue(
+    stepped: SteppedEngine, executor: ThreadPoolExecutor, clock: FakeClock
+) -> None:
+    async def scenario() -> None:
+        batcher = alone_batcher(stepped, executor, clock)
+        batcher.start()
+        slots = batcher.reserve(4)
+        futures = [slots.submit(0)]
+        await stepped.wait_started(1)
+        futures += [slots.submit(item) for item in (1, 2, 3)]
+        closing = asyncio.create_task(batcher.close(WAIT_S))
+        await settle()
+        assert stepped.batches == [[0]], "closing started a batch beside one that runs alone"
+        stepped.finish_all()
+        await bounded(closing)
+        assert [completed.value for completed in await results(futures)] == [0, 10, 20, 30]
+        assert stepped.batches == [[0], [1, 2], [3]]
+
+    asyncio.run(scenario())

@@ -13,7 +13,7 @@ from service.config import Settings
 from service.cpus import CpuLimit, cpu_limit, plan_threads
 from service.model_package import ModelPackage
 from service.policy import device_policy
-from tests.support import FakeEngine, running_server
+from tests.support import FakeEngine, png, running_server
 
 
 def cgroup_v2(tmp_path: Path, limits: dict[str, str], own: str = "kubepods/pod/app") -> Path:
@@ -141,14 +141,30 @@ def test_info_shows_the_plan(resnet18_package: Path) -> None:
     assert isinstance(threads["spinning"], bool)
 
 
+@pytest.mark.parametrize("solo", [True, False])
+def test_a_lone_request_runs_alone_where_the_engine_has_a_solo_session(
+    resnet18_package: Path, solo: bool
+) -> None:
+    classes = ModelPackage.load(resnet18_package).manifest.num_classes
+    engine = FakeEngine(num_classes=classes, has_solo_session=solo)
+    app = create_app(Settings(model_dir=resnet18_package), engine_factory=engine.factory)
+    with running_server(app) as url:
+        for _ in range(2):
+            response = httpx.post(
+                f"{url}/predict", content=png(), headers={"Content-Type": "image/png"}
+            )
+            assert response.status_code == 200, response.text
+    assert engine.alone == [solo, solo]
+
+
 @pytest.mark.parametrize(
     ("cpus", "flags", "device", "expected"),
     [
-        (2.0, {}, "cpu", (2, False, True)),
-        (16.0, {}, "cpu", (4, False, True)),
-        (2.0, {"engine_instances": 1}, "cpu", (1, False, True)),
-        (2.0, {"max_concurrent_batches": 3}, "cpu", (3, False, True)),
-        (2.0, {"partial_batches_while_busy": True}, "cpu", (2, True, True)),
+        (2.0, {}, "cpu", (2, True, True)),
+        (16.0, {}, "cpu", (4, True, True)),
+        (2.0, {"engine_instances": 1}, "cpu", (1, True, True)),
+        (2.0, {"max_concurrent_batches": 3}, "cpu", (3, True, True)),
+        (2.0, {"partial_batches_while_busy": False}, "cpu", (2, False, True)),
         (16.0, {}, "cuda", (2, True, False)),
         (16.0, {"max_concurrent_batches": 3, "overlap_decode": False}, "cuda", (3, True, True)),
     ],
@@ -168,7 +184,9 @@ def test_the_device_policy_follows_the_plan(
 
 def test_a_batch_beside_a_running_one_is_small_on_cpus_only() -> None:
     plan = plan_threads(CpuLimit(2.0, "affinity mask", None))  # 2 instances of 1 thread
-    assert device_policy(Settings(), plan, "cpu").busy_batch_size == 2
+    assert device_policy(Settings(), plan, "cpu").busy_batch_size == 1
+    four = plan_threads(CpuLimit(4.0, "affinity mask", None))  # 2 instances of 2 threads
+    assert device_policy(Settings(), four, "cpu").busy_batch_size == 4
     sixteen = plan_threads(CpuLimit(16.0, "affinity mask", None))  # 4 instances of 4 threads
     assert device_policy(Settings(), sixteen, "cpu").busy_batch_size == 8
     assert device_policy(Settings(max_batch_size=4), sixteen, "cpu").busy_batch_size == 4

@@ -60,8 +60,11 @@ def test_overlapping_runs_take_their_own_instances_and_agree(resnet18_package: P
         return run_on(session, batch)
 
     engine._run_on = recording_run_on  # type: ignore[method-assign]
-    engine.run(pixels(1))
+    assert engine.has_solo_session
+    engine.run(pixels(1), alone=True)
     assert used == ["solo"], "a batch that runs alone gets every CPU"
+    engine.run(pixels(1))
+    assert used == ["solo", "instance0"], "a batch that may have company takes an instance"
     batches = [pixels(2, seed) for seed in range(6)]
     expected = [reference(path, batch) for batch in batches]
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -81,10 +84,9 @@ def test_overlapping_runs_take_their_own_instances_and_agree(resnet18_package: P
         np.testing.assert_allclose(logits, expected[index][0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(embedding, expected[index][1], rtol=1e-4, atol=1e-4)
     assert sorted(results) == list(range(6))
-    assert {"instance0", "instance1"} & set(used[1:]), "three threads never overlapped a run"
+    assert "solo" not in used[2:], "a batch that did not run alone took the solo session"
     assert {id(s) for s in engine._free} == {id(s) for s in engine._instances}, "all given back"
     assert len(engine._free) == 2
-    assert not engine._solo_busy
 
 
 def test_one_instance_needs_no_second_session(resnet18_package: Path) -> None:
@@ -93,6 +95,7 @@ def test_one_instance_needs_no_second_session(resnet18_package: Path) -> None:
         EngineOptions(providers=["CPUExecutionProvider"], intra_op_threads=2, solo_threads=2),
     )
     assert engine.sessions == 1
+    assert not engine.has_solo_session
 
 
 def test_graph_without_the_expected_interface_is_refused(tmp_path: Path) -> None:

@@ -200,7 +200,8 @@ def test_disconnected_client_is_skipped_before_the_engine(
     resnet18_package: Path, fake_engine: FakeEngine
 ) -> None:
     gate = gated(fake_engine)
-    _, app = serve(resnet18_package, fake_engine, max_batch_size=4)
+    # One batch at a time, so the second image waits in the queue while the first runs.
+    _, app = serve(resnet18_package, fake_engine, max_batch_size=4, max_concurrent_batches=1)
     abandoned = png(color=(77, 77, 77))
 
     async def scenario(url: str) -> None:

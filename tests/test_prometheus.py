@@ -158,6 +158,7 @@ def live(resnet18_package: Path, distinct_jpegs: list[bytes]) -> Iterator[Live]:
         model_dir=resnet18_package,
         precision="fp32",
         max_batch_size=4,
+        busy_batch_size=4,  # batches of several images (on 2 CPUs the default takes one)
         max_queue_size=8,
         warmup_batch_sizes=[1, 4],
     )

@@ -320,9 +320,9 @@ class SlowEngine(FakeEngine):
 
     per_batch_s: float = 0.05
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray, alone: bool = False) -> tuple[np.ndarray, np.ndarray]:
         time.sleep(self.per_batch_s)
-        return super().run(batch)
+        return super().run(batch, alone)
 
 
 def test_overload_is_refused_fast_and_accepted_work_completes(resnet18_package: Path) -> None:

@@ -57,6 +57,7 @@ def served(request: pytest.FixtureRequest, resnet18_package: Path) -> Iterator[t
         model_dir=resnet18_package,
         precision="fp32",
         max_batch_size=8,
+        busy_batch_size=8,  # batches of several images (on 2 CPUs the default takes one)
         overlap_decode=request.param,
         # The reference runs on the CPU and answers must equal it to 1e-4; on a CUDA host
         # `auto` would serve with TF32 convolutions (tests/test_cuda.py covers the GPU).
