@@ -3,7 +3,14 @@ batch of one size, under ways of running batches side by side: one caller; sever
 sharing one session; several callers each on a session of its own (instances). It answers
 how concurrent batches should be run on a device (docs/benchmarks.md, "GPU").
 
+With `--solo-threads N` (CPUs), the engine also gets the session for batches that run
+alone, and three more modes compare it with the instances: one caller running alone; the
+instances side by side; one caller alone beside one on an instance (what the batcher never
+lets happen: the two fight for the cores).
+
     python -m loadtests.engine_modes --precision fp16 --batch-size 32
+    python -m loadtests.engine_modes --precision int8 --batch-size 1 --providers \
+        CPUExecutionProvider --intra-op-threads 1 --solo-threads 2 --spinning
 """
 
 from __future__ import annotations
@@ -19,34 +26,39 @@ import numpy as np
 from service.engine import EngineOptions, InferenceEngine, resolve_providers
 from service.model_package import ModelPackage, Precision
 
-# (name, sessions, callers at once)
+# (name, sessions, whether each caller at once runs alone)
 MODES = [
-    ("1 session, 1 caller", 1, 1),
-    ("1 session, 2 callers", 1, 2),
-    ("2 sessions, 2 callers", 2, 2),
+    ("1 session, 1 caller", 1, [False]),
+    ("1 session, 2 callers", 1, [False, False]),
+    ("2 sessions, 2 callers", 2, [False, False]),
+]
+SOLO_MODES = [  # with --solo-threads: 2 instances and the solo session
+    ("alone, on the solo session", 2, [True]),
+    ("2 instances side by side", 2, [False, False]),
+    ("alone beside an instance", 2, [True, False]),
 ]
 
 
 def throughput(
-    engine: InferenceEngine, batch: np.ndarray, callers: int, seconds: float
+    engine: InferenceEngine, batch: np.ndarray, alone: list[bool], seconds: float
 ) -> dict[str, float]:
-    for _ in range(3):
-        engine.run(batch)  # first runs of this shape (kernel search, allocation)
+    for flag in (True, False, False):
+        engine.run(batch, alone=flag)  # first runs of this shape (kernel search, allocation)
     stop = time.perf_counter() + seconds
     times: list[float] = []
 
-    def loop(_: int) -> int:
+    def loop(index: int) -> int:
         count = 0
         while time.perf_counter() < stop:
             started = time.perf_counter()
-            engine.run(batch)
+            engine.run(batch, alone=alone[index])
             times.append(time.perf_counter() - started)
             count += len(batch)
         return count
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(callers) as pool:
-        images = sum(pool.map(loop, range(callers)))
+    with ThreadPoolExecutor(len(alone)) as pool:
+        images = sum(pool.map(loop, range(len(alone))))
     elapsed = time.perf_counter() - started
     return {
         "images_per_s": images / elapsed,
@@ -64,24 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument("--solo-threads", type=int, default=0, help="CPUs: add the solo modes")
     args = parser.parse_args(argv)
     package = ModelPackage.load(args.model_dir)
     path = package.variant_path(Precision(args.precision))
     assert path is not None, f"no {args.precision} variant in {args.model_dir}"
     batch = np.random.default_rng(0).integers(0, 256, (args.batch_size, 224, 224, 3), np.uint8)
     rows = []
-    for name, sessions, callers in MODES:
+    for name, sessions, alone in MODES + (SOLO_MODES if args.solo_threads else []):
         options = EngineOptions(
             providers=resolve_providers(args.providers.split(",")),
             instances=sessions,
             intra_op_threads=args.intra_op_threads,
+            solo_threads=args.solo_threads if any(alone) else 0,
             allow_spinning=args.spinning,
         )
         engine = InferenceEngine(path, options)
         row = {
             "mode": name,
             "device": engine.device,
-            **throughput(engine, batch, callers, args.seconds),
+            **throughput(engine, batch, alone, args.seconds),
         }
         rows.append(row)
         print(
