@@ -2,12 +2,13 @@
 
 Real traffic is open-loop: requests arrive whether or not earlier ones were answered. Both
 servers run side by side on the same package. First each one's saturation throughput
-(closed loop, the best over a few concurrency levels); then, in rounds, Poisson arrivals
-at fractions of the *naive* server's saturation, with latency counted from each request's
-scheduled send time. The servers take turns within each load, and the order flips every
-round, so slow drifts of this shared machine hit both alike. Each figure is the median over
-rounds, reported as a ratio to the naive server's, with the spread of the per-round ratios
-so a reader can tell a win from noise.
+(closed loop, the best over a few concurrency levels), in rounds with the servers' order
+flipped each round; then, in rounds again, Poisson arrivals at fractions of the *naive*
+server's saturation, with latency counted from each request's scheduled send time. The
+servers take turns within each load, and the order flips every round, so slow drifts of
+this shared machine hit both alike. Each figure is the median over rounds, reported as a
+ratio to the naive server's (the median of the per-round ratios), with the spread of the
+per-round ratios so a reader can tell a win from noise.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Plan:
 
 
 async def saturation(target: Target, bodies: list[bytes], plan: Plan) -> dict[str, Any]:
-    """The best closed-loop throughput over `plan.concurrency`."""
+    """The best closed-loop throughput over `plan.concurrency`, in one round."""
     requests = target.requests(bodies)
     levels = []
     for concurrency in plan.concurrency:
@@ -65,14 +66,7 @@ async def compare(
     targets: list[Target], baseline: str, bodies: list[bytes], plan: Plan
 ) -> dict[str, Any]:
     """Saturation of each target, then open-loop rounds at fractions of the baseline's."""
-    saturations = {}
-    for target in targets:
-        saturations[target.name] = await saturation(target, bodies, plan)
-        print(
-            f"  {target.name}: saturation {saturations[target.name]['requests_per_s']:.1f} req/s "
-            f"(x{int(saturations[target.name]['concurrency'])})",
-            flush=True,
-        )
+    saturations = await saturation_rounds(targets, bodies, plan)
     base_rate = float(saturations[baseline]["requests_per_s"])
     points: dict[str, dict[float, list[dict[str, Any]]]] = {
         target.name: {load: [] for load in plan.loads} for target in targets
@@ -108,14 +102,42 @@ async def compare(
     }
 
 
+async def saturation_rounds(
+    targets: list[Target], bodies: list[bytes], plan: Plan
+) -> dict[str, dict[str, Any]]:
+    """Each target's saturation in `plan.rounds` rounds, the order flipped every round: the
+    median over rounds, each round's figure, and the concurrency of its best round."""
+    rounds: dict[str, list[dict[str, Any]]] = {target.name: [] for target in targets}
+    for round_index in range(plan.rounds):
+        order = targets if round_index % 2 == 0 else targets[::-1]
+        for target in order:
+            result = await saturation(target, bodies, plan)
+            rounds[target.name].append(result)
+            print(
+                f"  round {round_index + 1} {target.name}: saturation "
+                f"{result['requests_per_s']:.1f} req/s (x{int(result['concurrency'])})",
+                flush=True,
+            )
+    saturations = {}
+    for name, results in rounds.items():
+        best = max(results, key=lambda result: float(result["requests_per_s"]))
+        saturations[name] = {
+            "levels": [level for result in results for level in result["levels"]],
+            "rounds": [float(result["requests_per_s"]) for result in results],
+            "requests_per_s": statistics.median(float(r["requests_per_s"]) for r in results),
+            "concurrency": best["concurrency"],
+        }
+    return saturations
+
+
 def summarise(
     points: dict[str, dict[float, list[dict[str, Any]]]],
     baseline: str,
     saturations: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """Per target and load: median p50/p99 over rounds, and the p99 ratio to the baseline
-    (the median of the per-round ratios, with their min and max)."""
-    base_sat = float(saturations[baseline]["requests_per_s"])
+    (the median of the per-round ratios, with their min and max); the same for saturation
+    where it was measured in rounds."""
     out: dict[str, Any] = {}
     for name, by_load in points.items():
         loads = {}
@@ -133,12 +155,26 @@ def summarise(
                 "p99_over_baseline_min": min(ratios),
                 "p99_over_baseline_max": max(ratios),
             }
+        sat_ratios = [
+            own / base
+            for own, base in zip(
+                saturation_per_round(saturations[name]),
+                saturation_per_round(saturations[baseline]),
+                strict=True,
+            )
+        ]
         out[name] = {
             "saturation_requests_per_s": saturations[name]["requests_per_s"],
-            "saturation_over_baseline": float(saturations[name]["requests_per_s"]) / base_sat,
+            "saturation_over_baseline": statistics.median(sat_ratios),
+            "saturation_over_baseline_min": min(sat_ratios),
+            "saturation_over_baseline_max": max(sat_ratios),
             "loads": loads,
         }
     return out
+
+
+def saturation_per_round(saturation: dict[str, Any]) -> list[float]:
+    return [float(value) for value in saturation.get("rounds", [saturation["requests_per_s"]])]
 
 
 def print_summary(result: dict[str, Any]) -> None:
@@ -146,7 +182,8 @@ def print_summary(result: dict[str, Any]) -> None:
     for name, row in result["summary"].items():
         print(
             f"  {name}: saturation {row['saturation_requests_per_s']:.1f} req/s "
-            f"= {row['saturation_over_baseline']:.2f} x {baseline}"
+            f"= {row['saturation_over_baseline']:.2f} x {baseline} "
+            f"[{row['saturation_over_baseline_min']:.2f}-{row['saturation_over_baseline_max']:.2f}]"
         )
         for load, point in row["loads"].items():
             print(

@@ -38,6 +38,10 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
                 {
                     "target": f"{precision}: saturation / naive >= 1.05",
                     "value": headline["saturation_over_baseline"],
+                    "spread": [
+                        headline["saturation_over_baseline_min"],
+                        headline["saturation_over_baseline_max"],
+                    ],
                     "bound": 1.05,
                     "at_least": True,
                 }

@@ -48,10 +48,16 @@ def test_the_summary_is_the_median_of_rounds_with_the_spread_of_ratios() -> None
         "naive": {0.8: [row(10, 100), row(12, 200), row(11, 400)]},
         "svc": {0.8: [row(5, 50), row(6, 160), row(7, 100)]},
     }
-    saturation = {"naive": {"requests_per_s": 40.0}, "svc": {"requests_per_s": 46.0}}
+    saturation = {
+        "naive": {"requests_per_s": 40.0, "rounds": [40.0, 50.0, 40.0]},
+        "svc": {"requests_per_s": 46.0, "rounds": [46.0, 50.0, 36.0]},
+    }
     summary = summarise(points, "naive", saturation)
     svc = summary["svc"]
-    assert svc["saturation_over_baseline"] == pytest.approx(1.15)
+    # Per-round saturation ratios 1.15, 1.0, 0.9: the median and the spread come from those.
+    assert svc["saturation_over_baseline"] == pytest.approx(1.0)
+    assert svc["saturation_over_baseline_min"] == pytest.approx(0.9)
+    assert svc["saturation_over_baseline_max"] == pytest.approx(1.15)
     point = svc["loads"]["0.8"]
     assert (point["p50_ms"], point["p99_ms"], point["requests"]) == (6, 100, 300)
     # Per-round ratios 0.5, 0.8, 0.25: the median and the spread come from those.
