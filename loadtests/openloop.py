@@ -136,8 +136,7 @@ def summarise(
     saturations: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """Per target and load: median p50/p99 over rounds, and the p99 ratio to the baseline
-    (the median of the per-round ratios, with their min and max); the same for saturation
-    where it was measured in rounds."""
+    (the median of the per-round ratios, with their min and max); the same for saturation."""
     out: dict[str, Any] = {}
     for name, by_load in points.items():
         loads = {}
@@ -158,9 +157,7 @@ def summarise(
         sat_ratios = [
             own / base
             for own, base in zip(
-                saturation_per_round(saturations[name]),
-                saturation_per_round(saturations[baseline]),
-                strict=True,
+                saturations[name]["rounds"], saturations[baseline]["rounds"], strict=True
             )
         ]
         out[name] = {
@@ -171,10 +168,6 @@ def summarise(
             "loads": loads,
         }
     return out
-
-
-def saturation_per_round(saturation: dict[str, Any]) -> list[float]:
-    return [float(value) for value in saturation.get("rounds", [saturation["requests_per_s"]])]
 
 
 def print_summary(result: dict[str, Any]) -> None:

@@ -842,18 +842,17 @@ def test_a_batch_beside_a_running_one_is_full_at_the_busy_size(
 # ---------------------------------------------------------------- batches that run alone
 
 
-class SteppedEngine:
+class SteppedEngine(FakeEngine):
     """`run_batch` and `run_alone` for the batcher: records each batch and whether it ran
     alone; each batch blocks until the test finishes it by index (or `finish_all`)."""
 
     def __init__(self) -> None:
-        self.batches: list[list[int]] = []
+        super().__init__()
         self.ran_alone: list[bool] = []
         self._done: list[threading.Event] = []
         self._all_done = False
-        self._changed = threading.Condition()
 
-    def run(self, items: list[int], alone: bool = False) -> list[int]:
+    def run(self, items: list[int], alone: bool = False) -> Sequence[int]:
         done = threading.Event()
         with self._changed:
             self.batches.append(list(items))
@@ -864,9 +863,9 @@ class SteppedEngine:
             self._changed.notify_all()
         if not done.wait(WAIT_S * 2):
             raise RuntimeError("the test never finished this batch")
-        return [item * 10 for item in items]
+        return self._respond(items)
 
-    def run_alone(self, items: list[int]) -> list[int]:
+    def run_alone(self, items: list[int]) -> Sequence[int]:
         return self.run(items, alone=True)
 
     def finish(self, index: int) -> None:
@@ -877,14 +876,6 @@ class SteppedEngine:
             self._all_done = True
             for done in self._done:
                 done.set()
-
-    def _wait_batches(self, count: int) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self.batches) >= count, WAIT_S)
-
-    async def wait_started(self, count: int) -> None:
-        if not await asyncio.to_thread(self._wait_batches, count):
-            pytest.fail(f"the engine got {self.batches}, expected at least {count} batches")
 
 
 @pytest.fixture
