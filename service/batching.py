@@ -2,32 +2,18 @@
 
 One task owns the queue. Callers reserve capacity (`reserve`, which fails fast with
 `QueueFull` when the queue is at `max_queue_size`), then `submit` items and await their
-futures. The owner forms a batch when an engine slot is free and one of these holds:
+futures. The owner forms batches by the rules of `service/batch_rules.py` (when a batch
+is due, how large, whether it runs alone on `run_alone`) and runs each on one of its
+threads, one per concurrent batch. With every thread busy, a full batch is handed over
+early: it waits in the threads' queue (and counts in the queue's depth) and the first
+thread to free starts it, without a hop through the event loop, which, busy with HTTP,
+left each thread idle a while after every batch (5% of two CPUs at saturation).
 
-- the queue holds a full batch: `max_batch_size` items, or `busy_batch_size` while
-  another batch runs (a batch beside a running one shares the device, and on a CPU runs
-  on an instance with a share of the cores, where a large batch would hold its images for
-  several times as long as on all of them);
-- the engine is idle: nothing runs and it has been free for `max_queue_delay`, or the
-  queue holds as many items as the last batch had. A lone request never waits for
-  company, while right after a batch of N the queue gets up to `max_queue_delay` to
-  refill to N, so a steady load keeps its batch size instead of splitting (`_due`);
-- while a batch runs (with `max_concurrent_batches` > 1), the oldest waiting item has
-  waited `max_queue_delay` (unless `partial_batches_while_busy` is off: then only full
-  batches start beside a running one).
-
-With `run_alone` (a CPU engine with a session on every core beside its one-per-batch
-instances), a batch that starts while nothing runs and the queue holds no more than
-`busy_batch_size` items runs *alone*, on `run_alone`: nothing starts beside it until it
-ends, because a batch beside it would take cores its threads spin on (both slow down, and
-the two together serve less than either alone). A longer queue is work for several
-instances at once: it goes out in batches of at most `busy_batch_size`, side by side.
-
-Items whose future is already done (the caller gave up: deadline, disconnect) are
-skipped before they reach the engine and counted. Each batch runs on an executor, off
-the event loop, inside an exception boundary: a failing batch fails only its own items
-and the loop lives on; `run_batch` may also return an exception in place of one item's
-result to fail that item alone. The batcher knows nothing of images or HTTP.
+Items nobody waits for any more (the caller gave up: deadline, disconnect) are skipped
+when their batch is formed and again when it starts, and counted. Each batch runs inside
+an exception boundary: a failing batch fails only its own items and the loop lives on;
+`run_batch` may also return an exception in place of one item's result to fail that item
+alone. The batcher knows nothing of images or HTTP.
 """
 
 from __future__ import annotations
@@ -38,11 +24,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, Protocol, TypeVar
 
+from service.batch_rules import BatchRules, QueueView
 from service.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 
 T = TypeVar("T")
@@ -61,17 +48,10 @@ class BatchObserver(Protocol):
 
 
 class NullObserver:
-    def queue_depth(self, depth: int) -> None:
-        pass
-
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
-        pass
-
-    def batch_finished(self, size: int, run_s: float, failed: bool) -> None:
-        pass
-
-    def skipped(self, reason: str) -> None:
-        pass
+    def queue_depth(self, depth: int) -> None: ...
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None: ...
+    def batch_finished(self, size: int, run_s: float, failed: bool) -> None: ...
+    def skipped(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -84,18 +64,34 @@ class Completed(Generic[R]):
     batch_size: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: items may be arrays
 class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[Completed[R]]
     enqueued_at: float
     deadline: float | None
 
+    def wanted(self, now: float) -> bool:
+        """Someone still waits for it, within its deadline. Safe on a batch's thread too:
+        `done()` only reads the future's state (a cancellation racing it runs the item,
+        as it would have a moment later)."""
+        return not self.future.done() and (self.deadline is None or now < self.deadline)
+
+
+@dataclass
+class _Batch(Generic[T, R]):
+    pendings: list[_Pending[T, R]]
+    alone: bool
+    handed_early: bool  # taken while every thread was busy: it starts when one frees
+    started: float | None = None  # set on the batch's thread when it starts, with:
+    ran: list[_Pending[T, R]] = field(default_factory=list)  # the items still wanted then
+
 
 @dataclass
 class _State:
     reserved: int = 0
-    in_flight: int = 0
+    in_flight: int = 0  # batches taken from the queue and not finished
+    handed_early: int = 0  # images in a batch handed over early, not started
     closing: bool = False
     last_batch_size: int = 0
     last_finished: float = float("-inf")
@@ -141,7 +137,6 @@ class DynamicBatcher(Generic[T, R]):
     def __init__(
         self,
         run_batch: RunBatch[T, R],
-        executor: Executor,
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
@@ -152,32 +147,38 @@ class DynamicBatcher(Generic[T, R]):
         run_alone: RunBatch[T, R] | None = None,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        thread_name_prefix: str = "batch",
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_concurrent_batches < 1:
             raise ValueError("batch size, queue size and concurrency must be positive")
         self._run_batch = run_batch
         self._run_alone = run_alone
-        self._executor = executor
-        self.max_batch_size = max_batch_size
-        self.busy_batch_size = min(busy_batch_size or max_batch_size, max_batch_size)
-        self.max_queue_delay_s = max_queue_delay_s
+        # One thread per concurrent batch; a batch handed over early waits in its queue.
+        self._threads = ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix)
+        self.rules = BatchRules(
+            max_batch_size=max_batch_size,
+            busy_batch_size=min(busy_batch_size or max_batch_size, max_batch_size),
+            max_queue_delay_s=max_queue_delay_s,
+            max_concurrent_batches=max_concurrent_batches,
+            partial_batches_while_busy=partial_batches_while_busy,
+            may_run_alone=run_alone is not None,
+        )
         self.max_queue_size = max_queue_size
-        self.max_concurrent_batches = max_concurrent_batches
-        self.partial_batches_while_busy = partial_batches_while_busy
         self._observer: BatchObserver = observer or NullObserver()
         self._clock = clock
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._state = _State()
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._slots = asyncio.Semaphore(max_concurrent_batches + 1)  # + one handed early
         self._loop_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ callers
 
     @property
     def depth(self) -> int:
-        """Images admitted and not yet on the engine (being prepared, or queued)."""
-        return self._state.reserved + len(self._queue)
+        """Images admitted and not yet on the engine (being prepared, queued, or handed
+        over early)."""
+        return self._state.reserved + len(self._queue) + self._state.handed_early
 
     @property
     def in_flight(self) -> int:
@@ -231,6 +232,13 @@ class DynamicBatcher(Generic[T, R]):
         """
         self._state.closing = True
         self._wakeup.set()
+        try:
+            await self._drain(timeout_s)
+        finally:
+            # A batch still running keeps its thread until the engine returns.
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _drain(self, timeout_s: float) -> None:
         if self._loop_task is None:
             self._fail_queued(Draining())
             return
@@ -257,25 +265,26 @@ class DynamicBatcher(Generic[T, R]):
     async def _dispatch_loop(self) -> None:
         while True:
             await self._slots.acquire()
-            taken = await self._next_batch()
-            if taken is None:
+            batch = await self._next_batch()
+            if batch is None:
                 self._slots.release()
                 return
-            task = asyncio.create_task(self._run(*taken))
+            task = asyncio.create_task(self._run(batch))
             self._state.running_batches.add(task)
             task.add_done_callback(self._state.running_batches.discard)
 
-    async def _next_batch(self) -> tuple[list[_Pending[T, R]], bool] | None:
-        """Wait until a batch is due, then take it with whether it runs alone; None once
-        closing with nothing left. Nothing is due while a batch runs alone."""
+    async def _next_batch(self) -> _Batch[T, R] | None:
+        """Wait until a batch is due, then take it; None once closing with nothing left.
+        Nothing is due while a batch runs alone."""
         while True:
             self._drop_abandoned()
             timeout: float | None = None
             if self._queue and not self._state.alone:
                 now = self._clock()
-                if len(self._queue) >= self._batch_limit() or self._state.closing or self._due(now):
+                view = self._view()
+                if self._state.closing or self.rules.due(view, now):
                     return self._take()
-                timeout = self._time_until_due(now)
+                timeout = self.rules.time_until_due(view, now)
             elif not self._queue and self._state.closing and self._state.reserved == 0:
                 return None
             self._wakeup.clear()
@@ -284,117 +293,115 @@ class DynamicBatcher(Generic[T, R]):
                     self._wakeup.wait(), None if timeout is None else max(timeout, 0.0)
                 )
 
-    def _batch_limit(self) -> int:
-        """`busy_batch_size` beside a running batch, and always where batches may run
-        alone (one that fits in it runs alone; a longer queue makes several)."""
-        shares = self._state.in_flight or self._run_alone is not None
-        return self.busy_batch_size if shares else self.max_batch_size
-
-    def _due(self, now: float) -> bool:
-        """Whether a partial batch should go now.
-
-        While a batch runs (more than one may run at once), the oldest waiting item may
-        wait `max_queue_delay` for company; with `partial_batches_while_busy` off, only a
-        full batch may start beside a running one. With nothing running, the engine takes the
-        queue at once if it has been free for `max_queue_delay`, or if the queue already
-        holds as many items as the last batch had. Otherwise, right after a batch of N
-        finished, it waits up to `max_queue_delay` for the queue to refill to N: that
-        batch's clients are sending their next requests, and taking the first arrival
-        alone would split a steady load into batches of 1 and N-1, again and again. A
-        lone client (batches of 1) and an idle server are served at once.
-        """
+    def _view(self) -> QueueView:
         state = self._state
-        if state.in_flight:
-            return (
-                self.partial_batches_while_busy
-                and now - self._queue[0].enqueued_at >= self.max_queue_delay_s
-            )
-        return (
-            len(self._queue) >= state.last_batch_size
-            or now - state.last_finished >= self.max_queue_delay_s
+        oldest = self._queue[0].enqueued_at if self._queue else 0.0
+        return QueueView(
+            len(self._queue), oldest, state.in_flight, state.last_batch_size, state.last_finished
         )
-
-    def _time_until_due(self, now: float) -> float | None:
-        if self._state.in_flight:
-            if not self.partial_batches_while_busy:
-                return None  # only a full batch, or the running one finishing, wakes us
-            return self._queue[0].enqueued_at + self.max_queue_delay_s - now
-        return self._state.last_finished + self.max_queue_delay_s - now
 
     def _drop_abandoned(self) -> None:
         """Skip items nobody waits for any more, and fail those past their deadline."""
         if not self._queue:
             return
         now = self._clock()
-        kept: collections.deque[_Pending[T, R]] = collections.deque()
-        for pending in self._queue:
-            if pending.future.done():
-                self._observer.skipped("abandoned")
-            elif pending.deadline is not None and now >= pending.deadline:
-                pending.future.set_exception(DeadlineExceeded())
-                self._observer.skipped("deadline")
-            else:
-                kept.append(pending)
+        kept = collections.deque(pending for pending in self._queue if pending.wanted(now))
         if len(kept) != len(self._queue):
+            for pending in self._queue:
+                if not pending.wanted(now):
+                    self._skip(pending)
             self._queue = kept
             self._observer.queue_depth(self.depth)
 
-    def _take(self) -> tuple[list[_Pending[T, R]], bool]:
+    def _skip(self, pending: _Pending[T, R]) -> None:
+        if pending.future.done():
+            self._observer.skipped("abandoned")
+        else:
+            pending.future.set_exception(DeadlineExceeded())
+            self._observer.skipped("deadline")
+
+    def _take(self) -> _Batch[T, R]:
         state = self._state
-        alone = (
-            self._run_alone is not None
-            and not state.in_flight
-            and len(self._queue) <= self.busy_batch_size
-        )
-        batch: list[_Pending[T, R]] = []
-        limit = self._batch_limit()
-        while self._queue and len(batch) < limit:
-            batch.append(self._queue.popleft())
+        alone = self.rules.runs_alone(len(self._queue), state.in_flight)
+        pendings: list[_Pending[T, R]] = []
+        limit = self.rules.limit(state.in_flight)
+        while self._queue and len(pendings) < limit:
+            pendings.append(self._queue.popleft())
+        batch = _Batch(pendings, alone, handed_early=self.rules.engine_full(state.in_flight))
+        if batch.handed_early:
+            state.handed_early += len(pendings)
         state.in_flight += 1
         state.alone = alone
         self._observer.queue_depth(self.depth)
-        return batch, alone
+        return batch
 
-    async def _run(self, batch: list[_Pending[T, R]], alone: bool) -> None:
-        started = self._clock()
-        self._observer.batch_started(len(batch), [started - p.enqueued_at for p in batch])
-        run_batch = self._run_alone if alone and self._run_alone else self._run_batch
+    async def _run(self, batch: _Batch[T, R]) -> None:
+        loop = asyncio.get_running_loop()
+        run_batch = self._run_alone if batch.alone and self._run_alone else self._run_batch
+
+        def on_batch_thread() -> Sequence[R | BaseException]:
+            batch.started = now = self._clock()
+            # Skipped here, not only when queued: a batch handed over early waited.
+            batch.ran = [pending for pending in batch.pendings if pending.wanted(now)]
+            loop.call_soon_threadsafe(self._started, batch)
+            return run_batch([pending.item for pending in batch.ran]) if batch.ran else []
+
         failed = True
         try:
-            loop = asyncio.get_running_loop()
-            items = [pending.item for pending in batch]
-            results = await loop.run_in_executor(self._executor, run_batch, items)
-            if len(results) != len(batch):
-                raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} items")
+            results = await loop.run_in_executor(self._threads, on_batch_thread)
+            size = len(batch.ran)
+            if len(results) != size:
+                raise RuntimeError(f"engine returned {len(results)} results for {size} items")
+            assert batch.started is not None
+            started = batch.started
             run_s = self._clock() - started
-            for pending, value in zip(batch, results, strict=True):
+            for pending, value in zip(batch.ran, results, strict=True):
                 if pending.future.done():
                     continue
                 if isinstance(value, BaseException):  # this item alone failed
                     pending.future.set_exception(value)
                 else:
-                    completed = Completed(value, started - pending.enqueued_at, run_s, len(batch))
-                    pending.future.set_result(completed)
+                    queued_s = started - pending.enqueued_at
+                    pending.future.set_result(Completed(value, queued_s, run_s, size))
             failed = False
         except Exception:
-            log.exception("batch of %d failed; failing its requests", len(batch))
-            self._fail(batch, InferenceFailed())
+            log.exception("batch of %d failed; failing its requests", len(batch.pendings))
+            self._fail(batch.pendings, InferenceFailed())
         except asyncio.CancelledError:
-            self._fail(batch, Draining())
+            self._fail(batch.pendings, Draining())
             raise
         finally:
+            self._no_longer_waiting(batch)
             finished = self._clock()
-            self._observer.batch_finished(len(batch), finished - started, failed)
-            self._state.last_batch_size = len(batch)
+            if batch.started is not None and batch.ran:  # else the engine never ran it
+                self._observer.batch_finished(len(batch.ran), finished - batch.started, failed)
+            self._state.last_batch_size = len(batch.ran)
             self._state.last_finished = finished
             self._state.in_flight -= 1
-            if alone:
+            if batch.alone:
                 self._state.alone = False
             self._slots.release()
             self._wakeup.set()
 
+    def _started(self, batch: _Batch[T, R]) -> None:
+        """On the event loop, once a thread has started `batch`."""
+        assert batch.started is not None
+        for pending in batch.pendings:
+            if pending not in batch.ran:
+                self._skip(pending)
+        if batch.ran:
+            waits = [batch.started - pending.enqueued_at for pending in batch.ran]
+            self._observer.batch_started(len(batch.ran), waits)
+        self._no_longer_waiting(batch)
+
+    def _no_longer_waiting(self, batch: _Batch[T, R]) -> None:
+        if batch.handed_early:
+            batch.handed_early = False
+            self._state.handed_early -= len(batch.pendings)
+            self._observer.queue_depth(self.depth)
+
     @staticmethod
-    def _fail(batch: list[_Pending[T, R]], error: Exception) -> None:
-        for pending in batch:
+    def _fail(pendings: list[_Pending[T, R]], error: Exception) -> None:
+        for pending in pendings:
             if not pending.future.done():
                 pending.future.set_exception(error)

@@ -101,7 +101,6 @@ class Runtime:
         self.policy: DevicePolicy | None = None  # decided once the device is known
         self.threads = settings.thread_plan()  # re-planned for the device once loaded
         self._decode_pool = ThreadPoolExecutor(self.threads.decode_workers, "decode")
-        self._engine_pool: ThreadPoolExecutor | None = None
         self._in_progress = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -134,10 +133,8 @@ class Runtime:
         assert self._engine is not None
         assert self.policy is not None
         policy = self.policy
-        self._engine_pool = ThreadPoolExecutor(policy.concurrent_batches, "engine")
         self._batcher = DynamicBatcher(
             self._run_batch,
-            self._engine_pool,
             max_batch_size=self.settings.max_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000,
             max_queue_size=self.settings.max_queue_size,
@@ -148,6 +145,7 @@ class Runtime:
                 partial(self._run_batch, alone=True) if self._engine.has_solo_session else None
             ),
             observer=self.metrics,
+            thread_name_prefix="engine",
         )
         self._batcher.start()
         if self.state is State.STARTING:
@@ -219,8 +217,6 @@ class Runtime:
         if self._batcher is not None:
             await self._batcher.close(timeout_s)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        if self._engine_pool is not None:
-            self._engine_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def decode_in_batch(self) -> bool:

@@ -1,4 +1,4 @@
-"""DynamicBatcher against a fake engine (gated in a real thread pool) and a fake clock.
+"""DynamicBatcher against a fake engine (gated, on the batcher's threads) and a fake clock.
 
 No test sleeps or measures time: the engine records each batch and blocks on a gate the
 test opens, the batcher's clock is advanced by hand, and every wait that could hang is
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -100,12 +99,6 @@ class RecordingObserver:
 
 
 @pytest.fixture
-def executor() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fake-engine") as pool:
-        yield pool
-
-
-@pytest.fixture
 def engine() -> Iterator[FakeEngine]:
     fake = FakeEngine()
     yield fake
@@ -124,7 +117,6 @@ def observer() -> RecordingObserver:
 
 def make_batcher(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: BatchObserver | None = None,
     *,
@@ -137,7 +129,6 @@ def make_batcher(
 ) -> DynamicBatcher[int, int]:
     return DynamicBatcher(
         engine,
-        executor,
         max_batch_size=max_batch_size,
         max_queue_delay_s=max_queue_delay_s,
         max_queue_size=max_queue_size,
@@ -167,10 +158,10 @@ async def results(futures: Sequence[asyncio.Future[Completed[int]]]) -> list[Com
 
 
 def test_idle_engine_takes_a_lone_item_without_waiting_for_the_delay(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    engine: FakeEngine, clock: FakeClock
 ) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, max_queue_delay_s=1000.0)
+        batcher = make_batcher(engine, clock, max_queue_delay_s=1000.0)
         batcher.start()
         with batcher.reserve(1) as slots:
             future = slots.submit(7)
@@ -185,14 +176,11 @@ def test_idle_engine_takes_a_lone_item_without_waiting_for_the_delay(
 
 def test_items_queued_behind_a_busy_engine_form_full_batches_in_order(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(
-            engine, executor, clock, observer, max_batch_size=4, max_concurrent_batches=1
-        )
+        batcher = make_batcher(engine, clock, observer, max_batch_size=4, max_concurrent_batches=1)
         batcher.start()
         engine.hold()
         slots = batcher.reserve(6)
@@ -200,9 +188,11 @@ def test_items_queued_behind_a_busy_engine_form_full_batches_in_order(
         await engine.wait_started(1)
         queued = [slots.submit(item) for item in range(1, 6)]
         await settle()
+        # The full batch [1-4] is handed to the engine threads early: it waits there for
+        # the one slot (the engine has not seen it) and still counts as queued.
         assert engine.batches == [[0]]
         assert batcher.depth == 5
-        assert batcher.in_flight == 1
+        assert batcher.in_flight == 2
 
         clock.advance(2.0)  # the queued items wait 2 s (fake) for the engine
         engine.release()
@@ -219,8 +209,9 @@ def test_items_queued_behind_a_busy_engine_form_full_batches_in_order(
             (4, False),
             (1, False),
         ]
-        # reserve(6) → 6 admitted; each batch taken lowers the depth by its size.
-        assert observer.depths == [6, 5, 1, 0]
+        # reserve(6) → 6 admitted; each batch taken lowers the depth by its size, the one
+        # handed over early once it starts.
+        assert observer.depths == [6, 5, 5, 1, 0]
         assert batcher.depth == 0
         assert observer.skips == []
         await bounded(batcher.close(WAIT_S))
@@ -230,12 +221,11 @@ def test_items_queued_behind_a_busy_engine_form_full_batches_in_order(
 
 def test_run_time_is_measured_on_the_batcher_clock(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, observer)
+        batcher = make_batcher(engine, clock, observer)
         batcher.start()
         engine.hold()
         with batcher.reserve(1) as slots:
@@ -252,12 +242,11 @@ def test_run_time_is_measured_on_the_batcher_clock(
 
 
 def test_a_partial_batch_waits_while_a_batch_runs_and_a_full_one_goes_at_once(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    engine: FakeEngine, clock: FakeClock
 ) -> None:
     async def scenario() -> None:
         batcher = make_batcher(
             engine,
-            executor,
             clock,
             max_batch_size=4,
             max_queue_delay_s=1000.0,
@@ -292,14 +281,12 @@ def test_a_partial_batch_waits_while_a_batch_runs_and_a_full_one_goes_at_once(
 
 def test_a_partial_batch_goes_once_its_oldest_item_has_waited_the_delay(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     async def scenario() -> None:
         batcher = make_batcher(
             engine,
-            executor,
             clock,
             observer,
             max_batch_size=8,
@@ -341,13 +328,12 @@ def test_a_partial_batch_goes_once_its_oldest_item_has_waited_the_delay(
 
 def test_reserve_counts_toward_depth_and_refuses_beyond_max_queue_size(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     async def scenario() -> None:
         # Never started: whatever is submitted stays queued, so depth is exact.
-        batcher = make_batcher(engine, executor, clock, observer, max_queue_size=4)
+        batcher = make_batcher(engine, clock, observer, max_queue_size=4)
         held = batcher.reserve(3)
         assert batcher.depth == 3
 
@@ -401,7 +387,6 @@ def test_reserve_counts_toward_depth_and_refuses_beyond_max_queue_size(
 )
 def test_invalid_limits_are_refused(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     batch_size: int,
     queue_size: int,
     concurrency: int,
@@ -409,7 +394,6 @@ def test_invalid_limits_are_refused(
     with pytest.raises(ValueError, match="must be positive"):
         DynamicBatcher(
             engine,
-            executor,
             max_batch_size=batch_size,
             max_queue_delay_s=0.0,
             max_queue_size=queue_size,
@@ -422,12 +406,11 @@ def test_invalid_limits_are_refused(
 
 def test_a_future_cancelled_while_queued_never_reaches_the_engine(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, observer, max_batch_size=4)
+        batcher = make_batcher(engine, clock, observer, max_batch_size=4)
         batcher.start()
         engine.hold()
         slots = batcher.reserve(4)
@@ -449,14 +432,117 @@ def test_a_future_cancelled_while_queued_never_reaches_the_engine(
     asyncio.run(scenario())
 
 
-def test_an_item_past_its_deadline_fails_without_reaching_the_engine(
+def test_a_full_batch_handed_over_early_starts_while_the_event_loop_is_blocked(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    """The point of handing over early: a freed engine thread starts the next batch
+    itself, without waiting for the event loop (here blocked outright)."""
+
+    async def scenario() -> None:
+        batcher = make_batcher(engine, clock, observer, max_batch_size=2)
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(5)
+        futures = [slots.submit(0)]
+        await engine.wait_started(1)
+        futures += [slots.submit(item) for item in (1, 2, 3, 4)]
+        await settle()
+        assert batcher.in_flight == 2  # [0] runs, [1, 2] is handed over early
+        assert batcher.depth == 4
+        assert observer.depths[-1] == 4
+
+        clock.advance(1.0)
+        engine.release()
+        # Block the event loop: the early batch must still reach the engine.
+        assert engine._wait_batches(2), f"the engine got only {engine.batches}"
+        assert engine.batches[:2] == [[0], [1, 2]]
+
+        done = await results(futures)
+        assert [completed.value for completed in done] == [0, 10, 20, 30, 40]
+        assert engine.batches == [[0], [1, 2], [3, 4]]
+        # The early batch's queue wait runs to its real start, after the clock moved.
+        assert observer.started[1] == (2, [1.0, 1.0])
+        assert batcher.depth == 0
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("reason", ["deadline", "abandoned"])
+def test_an_item_given_up_while_handed_over_early_is_skipped_when_its_batch_starts(
+    engine: FakeEngine, clock: FakeClock, observer: RecordingObserver, reason: str
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, clock, observer, max_batch_size=1)
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(3)
+        first = slots.submit(0)
+        await engine.wait_started(1)
+        given_up = slots.submit(1, deadline=clock.now + 1.0)
+        await settle()
+        assert batcher.in_flight == 2  # [1] is handed over early
+        last = slots.submit(2)
+        if reason == "deadline":
+            clock.advance(2.0)
+        else:
+            assert given_up.cancel()
+        await settle()
+
+        engine.release()
+        assert [c.value for c in await results([first, last])] == [0, 20]
+        assert engine.batches == [[0], [2]]
+        if reason == "deadline":
+            with pytest.raises(DeadlineExceeded):
+                await bounded(given_up)
+        assert observer.skips == [reason]
+        assert observer.batch_sizes == [1, 1]
+        assert batcher.depth == 0
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_with_every_slot_busy_a_partial_batch_stays_queued_and_may_be_skipped(
+    engine: FakeEngine,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, observer, max_batch_size=4)
+        batcher = make_batcher(engine, clock, observer, max_batch_size=4, max_concurrent_batches=2)
+        batcher.start()
+        engine.hold()
+        slots = batcher.reserve(5)
+        running = [slots.submit(0), slots.submit(1)]
+        await engine.wait_started(1)
+        running.append(slots.submit(2))  # the second slot takes it at once
+        await engine.wait_started(2)
+        assert batcher.in_flight == 2
+        queued, abandoned = slots.submit(3), slots.submit(4)
+        clock.advance(1.0)  # long past the delay: still not handed over, only 2 of 4
+        await settle()
+        assert batcher.in_flight == 2
+        assert abandoned.cancel()
+        await settle()
+
+        engine.release()
+        assert [c.value for c in await results([*running, queued])] == [0, 10, 20, 30]
+        assert engine.batches == [[0, 1], [2], [3]]
+        assert observer.skips == ["abandoned"]
+        await bounded(batcher.close(WAIT_S))
+
+    asyncio.run(scenario())
+
+
+def test_an_item_past_its_deadline_fails_without_reaching_the_engine(
+    engine: FakeEngine,
+    clock: FakeClock,
+    observer: RecordingObserver,
+) -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(engine, clock, observer, max_batch_size=4)
         batcher.start()
         engine.hold()
         slots = batcher.reserve(4)
@@ -499,14 +585,13 @@ def _short_handed(items: list[int]) -> Sequence[int]:
 @pytest.mark.parametrize("respond", [_poisoned, _short_handed], ids=["raises", "wrong_count"])
 def test_a_failing_batch_fails_only_its_own_items(
     respond: Callable[[list[int]], Sequence[int]],
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     engine = FakeEngine(respond)
 
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, observer, max_batch_size=3)
+        batcher = make_batcher(engine, clock, observer, max_batch_size=3)
         batcher.start()
         engine.hold()
         slots = batcher.reserve(5)
@@ -546,14 +631,11 @@ def test_a_failing_batch_fails_only_its_own_items(
 
 def test_close_runs_what_is_queued_and_refuses_new_work(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(
-            engine, executor, clock, observer, max_batch_size=2, max_concurrent_batches=1
-        )
+        batcher = make_batcher(engine, clock, observer, max_batch_size=2, max_concurrent_batches=1)
         batcher.start()
         engine.hold()
         slots = batcher.reserve(4)
@@ -583,12 +665,11 @@ def test_close_runs_what_is_queued_and_refuses_new_work(
 
 
 def test_close_dispatches_a_partial_batch_without_waiting_for_the_delay(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    engine: FakeEngine, clock: FakeClock
 ) -> None:
     async def scenario() -> None:
         batcher = make_batcher(
             engine,
-            executor,
             clock,
             max_batch_size=4,
             max_queue_delay_s=1000.0,
@@ -616,12 +697,11 @@ def test_close_dispatches_a_partial_batch_without_waiting_for_the_delay(
 
 def test_close_fails_what_is_left_when_the_engine_outlasts_the_timeout(
     engine: FakeEngine,
-    executor: ThreadPoolExecutor,
     clock: FakeClock,
     observer: RecordingObserver,
 ) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, observer, max_concurrent_batches=1)
+        batcher = make_batcher(engine, clock, observer, max_concurrent_batches=1)
         batcher.start()
         engine.hold()
         slots = batcher.reserve(3)
@@ -646,10 +726,10 @@ def test_close_fails_what_is_left_when_the_engine_outlasts_the_timeout(
 
 
 def test_a_submit_after_close_gave_up_fails_with_draining(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    engine: FakeEngine, clock: FakeClock
 ) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock)
+        batcher = make_batcher(engine, clock)
         batcher.start()
         slots = batcher.reserve(1)  # a request still decoding when the drain starts
         # close() waits for the reservation (it may yet be submitted); 0.2 s bounds that.
@@ -668,13 +748,13 @@ def test_a_submit_after_close_gave_up_fails_with_draining(
 
 
 def test_a_reservation_released_while_closing_lets_close_finish_at_once(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    engine: FakeEngine, clock: FakeClock
 ) -> None:
     """A request that fails while decoding gives its slots back during a drain: close()
     must notice then, not sit out its whole timeout (it used to: nothing woke the loop)."""
 
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock)
+        batcher = make_batcher(engine, clock)
         batcher.start()
         slots = batcher.reserve(1)
         closing = asyncio.create_task(batcher.close(60.0))
@@ -691,13 +771,13 @@ def test_a_reservation_released_while_closing_lets_close_finish_at_once(
 
 
 def test_after_a_batch_the_queue_refills_to_its_size_before_dispatch(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    engine: FakeEngine, clock: FakeClock
 ) -> None:
     """Closed-loop clients: the 4 whose batch just finished send again; the first to
     arrive must not go alone (that splits the load into batches of 1 and 3 forever)."""
 
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, max_batch_size=8, max_queue_delay_s=10.0)
+        batcher = make_batcher(engine, clock, max_batch_size=8, max_queue_delay_s=10.0)
         batcher.start()
         with batcher.reserve(4) as slots:
             first = [slots.submit(item) for item in range(4)]
@@ -716,11 +796,9 @@ def test_after_a_batch_the_queue_refills_to_its_size_before_dispatch(
     asyncio.run(scenario())
 
 
-def test_refill_wait_ends_after_the_delay(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
-) -> None:
+def test_refill_wait_ends_after_the_delay(engine: FakeEngine, clock: FakeClock) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, max_batch_size=8, max_queue_delay_s=10.0)
+        batcher = make_batcher(engine, clock, max_batch_size=8, max_queue_delay_s=10.0)
         batcher.start()
         with batcher.reserve(3) as slots:
             await results([slots.submit(item) for item in range(3)])
@@ -737,11 +815,9 @@ def test_refill_wait_ends_after_the_delay(
     asyncio.run(scenario())
 
 
-def test_a_lone_client_never_waits_for_the_delay(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
-) -> None:
+def test_a_lone_client_never_waits_for_the_delay(engine: FakeEngine, clock: FakeClock) -> None:
     async def scenario() -> None:
-        batcher = make_batcher(engine, executor, clock, max_queue_delay_s=1000.0)
+        batcher = make_batcher(engine, clock, max_queue_delay_s=1000.0)
         batcher.start()
         for item in range(5):  # one request after another, each answered at once
             with batcher.reserve(1) as slots:
@@ -754,7 +830,7 @@ def test_a_lone_client_never_waits_for_the_delay(
 
 
 def test_without_partial_batches_while_busy_only_a_full_batch_joins_a_running_one(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    engine: FakeEngine, clock: FakeClock
 ) -> None:
     """The CPU policy: a second batch beside a running one only for a full batch, however
     long the partial one has waited; it goes once the running batch finishes."""
@@ -762,7 +838,6 @@ def test_without_partial_batches_while_busy_only_a_full_batch_joins_a_running_on
     async def scenario() -> None:
         batcher = make_batcher(
             engine,
-            executor,
             clock,
             max_batch_size=3,
             max_queue_delay_s=1.0,
@@ -796,7 +871,7 @@ def test_without_partial_batches_while_busy_only_a_full_batch_joins_a_running_on
 
 
 def test_a_batch_beside_a_running_one_is_full_at_the_busy_size(
-    engine: FakeEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    engine: FakeEngine, clock: FakeClock
 ) -> None:
     """The CPU policy: beside a running batch, two waiting images make a full batch and
     start at once, and it takes no more than two; an idle engine takes up to the maximum."""
@@ -804,7 +879,6 @@ def test_a_batch_beside_a_running_one_is_full_at_the_busy_size(
     async def scenario() -> None:
         batcher = make_batcher(
             engine,
-            executor,
             clock,
             max_batch_size=6,
             max_concurrent_batches=2,
@@ -885,13 +959,10 @@ def stepped() -> Iterator[SteppedEngine]:
     engine.finish_all()  # never leave a pool thread blocked, whatever the test did
 
 
-def alone_batcher(
-    engine: SteppedEngine, executor: ThreadPoolExecutor, clock: FakeClock
-) -> DynamicBatcher[int, int]:
+def alone_batcher(engine: SteppedEngine, clock: FakeClock) -> DynamicBatcher[int, int]:
     """The CPU policy with a solo session: 2 instances, batches of 2 beside each other."""
     return DynamicBatcher(
         engine.run,
-        executor,
         max_batch_size=8,
         max_queue_delay_s=0.0,
         max_queue_size=100,
@@ -903,13 +974,13 @@ def alone_batcher(
 
 
 def test_nothing_starts_beside_a_batch_that_runs_alone(
-    stepped: SteppedEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    stepped: SteppedEngine, clock: FakeClock
 ) -> None:
     """A lone request runs alone; a full batch that arrives meanwhile waits for it, then
     the queue (longer than one busy batch) goes out in busy batches side by side."""
 
     async def scenario() -> None:
-        batcher = alone_batcher(stepped, executor, clock)
+        batcher = alone_batcher(stepped, clock)
         batcher.start()
         slots = batcher.reserve(5)
         futures = [slots.submit(0)]
@@ -920,12 +991,13 @@ def test_nothing_starts_beside_a_batch_that_runs_alone(
         assert stepped.batches == [[0]], "a batch started beside one that runs alone"
         stepped.finish(0)
         await stepped.wait_started(3)
-        assert stepped.batches == [[0], [1, 2], [3]]
+        # Two threads start the two batches: either may reach the engine first.
+        assert sorted(stepped.batches[1:]) == [[1, 2], [3]]
         assert stepped.ran_alone == [True, False, False]
         futures.append(slots.submit(4))  # both instances busy: waits for one
         await settle()
         assert len(stepped.batches) == 3
-        stepped.finish(2)
+        stepped.finish(1)
         await stepped.wait_started(4)
         assert stepped.batches[3] == [4]
         assert stepped.ran_alone[3] is False, "a batch beside a running one never runs alone"
@@ -938,10 +1010,10 @@ def test_nothing_starts_beside_a_batch_that_runs_alone(
 
 
 def test_a_queue_that_fits_one_busy_batch_runs_alone_as_one_batch(
-    stepped: SteppedEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    stepped: SteppedEngine, clock: FakeClock
 ) -> None:
     async def scenario() -> None:
-        batcher = alone_batcher(stepped, executor, clock)
+        batcher = alone_batcher(stepped, clock)
         batcher.start()
         slots = batcher.reserve(3)
         futures = [slots.submit(0)]
@@ -961,10 +1033,10 @@ def test_a_queue_that_fits_one_busy_batch_runs_alone_as_one_batch(
 
 
 def test_close_waits_for_a_batch_that_runs_alone_then_runs_the_queue(
-    stepped: SteppedEngine, executor: ThreadPoolExecutor, clock: FakeClock
+    stepped: SteppedEngine, clock: FakeClock
 ) -> None:
     async def scenario() -> None:
-        batcher = alone_batcher(stepped, executor, clock)
+        batcher = alone_batcher(stepped, clock)
         batcher.start()
         slots = batcher.reserve(4)
         futures = [slots.submit(0)]
@@ -976,6 +1048,7 @@ def test_close_waits_for_a_batch_that_runs_alone_then_runs_the_queue(
         stepped.finish_all()
         await bounded(closing)
         assert [completed.value for completed in await results(futures)] == [0, 10, 20, 30]
-        assert stepped.batches == [[0], [1, 2], [3]]
+        assert stepped.batches[0] == [0]
+        assert sorted(stepped.batches[1:]) == [[1, 2], [3]]  # side by side, either first
 
     asyncio.run(scenario())
