@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="0.5,0.8,0.95",
         help="open-loop offered load, as fractions of the naive server's saturation",
     )
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per closed-loop level")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per closed-loop level")
     parser.add_argument(
         "--open-rounds", type=int, default=2, help="open-loop rounds (servers' order alternated)"
     )
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a shorter run for iterating: INT8 only, one open-loop round of 300 requests a "
         "point, one ceiling round, no 12-megapixel photos (unless set otherwise)",
     )  # fmt: skip
-    parser.add_argument("--warmup", type=float, default=1.5, help="warm-up seconds per level")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per level")
     parser.add_argument(
         "--rounds", type=int, default=2, help="interleaved ceiling/served rounds per precision"
     )

@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        loop="auto",
+        loop=settings.event_loop,
         http=with_header_timeout(settings.header_timeout_s),
         log_config=None,
         log_level=settings.log_level,
