@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open-loop requests per server, load and round, by precision",
     )
     parser.add_argument(
-        "--max-point-s", type=float, default=45.0, help="seconds per open-loop point, at most"
+        "--max-point-s", type=float, default=50.0, help="seconds per open-loop point, at most"
     )
     parser.add_argument(
         "--also",

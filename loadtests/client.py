@@ -206,6 +206,17 @@ async def closed_loop(
     return result
 
 
+def arrival_offsets(
+    rate_per_s: float, duration_s: float, seed: int, count: int | None = None
+) -> np.ndarray:
+    """Seconds from the start of each Poisson arrival before `duration_s`: all of them, or
+    the first `count` (the same seed gives the same sequence at any rate, scaled)."""
+    rng = np.random.default_rng(seed)
+    size = count if count is not None else int(rate_per_s * duration_s * 1.5) + 16
+    offsets = np.cumsum(rng.exponential(1.0 / rate_per_s, size=size))
+    return offsets[offsets < duration_s]
+
+
 async def open_loop(
     host: str,
     port: int,
@@ -214,12 +225,11 @@ async def open_loop(
     duration_s: float,
     seed: int = 0,
     images_per_request: int = 1,
+    count: int | None = None,
 ) -> LoadResult:
-    """Poisson arrivals at `rate_per_s` for `duration_s`; latency from the scheduled time."""
-    rng = np.random.default_rng(seed)
-    gaps = rng.exponential(1.0 / rate_per_s, size=int(rate_per_s * duration_s * 1.5) + 16)
-    offsets = np.cumsum(gaps)
-    offsets = offsets[offsets < duration_s]
+    """Poisson arrivals at `rate_per_s` for `duration_s`, or the first `count` of them if
+    they come sooner; latency from the scheduled time."""
+    offsets = arrival_offsets(rate_per_s, duration_s, seed, count)
     idle: list[_Connection] = [await _connect(host, port) for _ in range(8)]
     result = LoadResult("open", rate_per_s, duration_s, images_per_request)
     cycle = itertools.cycle(requests)

@@ -38,7 +38,7 @@ class Target:
 class Plan:
     loads: list[float]  # fractions of the naive server's saturation
     rounds: int
-    requests_per_point: int  # at least this many requests per server, load and round
+    requests_per_point: int  # this many requests per server, load and round ...
     max_point_s: float  # ... unless this many seconds pass first
     concurrency: list[int]  # closed-loop levels for saturation
     closed_s: float
@@ -75,12 +75,11 @@ async def compare(
         order = targets if round_index % 2 == 0 else targets[::-1]
         for load in plan.loads:
             rate = base_rate * load
-            duration = min(plan.max_point_s, plan.requests_per_point / rate)
             for target in order:
                 await asyncio.sleep(SETTLE_S)
                 result = await client.open_loop(
-                    target.host, target.port, target.requests(bodies), rate, duration,
-                    seed=round_index,
+                    target.host, target.port, target.requests(bodies), rate, plan.max_point_s,
+                    seed=round_index, count=plan.requests_per_point,
                 )  # fmt: skip
                 summary = result.summary() | {"round": round_index, "load": load}
                 points[target.name][load].append(summary)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from loadtests.client import arrival_offsets
 from loadtests.naive import create_naive_app
 from loadtests.openloop import summarise
 from service.app import create_app
@@ -63,3 +65,16 @@ def test_the_summary_is_the_median_of_rounds_with_the_spread_of_ratios() -> None
     # Per-round ratios 0.5, 0.8, 0.25: the median and the spread come from those.
     assert point["p99_over_baseline"] == pytest.approx(0.5)
     assert (point["p99_over_baseline_min"], point["p99_over_baseline_max"]) == (0.25, 0.8)
+
+
+def test_an_open_loop_point_sends_its_count_unless_time_runs_out_first() -> None:
+    offsets = arrival_offsets(50.0, 60.0, seed=1, count=1000)
+    assert len(offsets) == 1000  # about 20 s of arrivals at 50/s: all within the bound
+    assert np.all(np.diff(offsets) > 0)
+    assert 17 < offsets[-1] < 23
+    assert len(arrival_offsets(50.0, 10.0, seed=1, count=1000)) < 600  # cut at 10 s
+    # The same seed at another rate: the same sequence, scaled.
+    np.testing.assert_allclose(arrival_offsets(100.0, 60.0, seed=1, count=1000), offsets / 2)
+    unbounded = arrival_offsets(50.0, 10.0, seed=1)
+    assert 400 < len(unbounded) < 600
+    assert unbounded[-1] < 10
