@@ -386,8 +386,9 @@ class DynamicBatcher(Generic[T, R]):
     def _started(self, batch: _Batch[T, R]) -> None:
         """On the event loop, once a thread has started `batch`."""
         assert batch.started is not None
+        ran = {id(pending) for pending in batch.ran}
         for pending in batch.pendings:
-            if pending not in batch.ran:
+            if id(pending) not in ran:
                 self._skip(pending)
         if batch.ran:
             waits = [batch.started - pending.enqueued_at for pending in batch.ran]
