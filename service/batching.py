@@ -305,11 +305,13 @@ class DynamicBatcher(Generic[T, R]):
         if not self._queue:
             return
         now = self._clock()
-        kept = collections.deque(pending for pending in self._queue if pending.wanted(now))
+        kept: collections.deque[_Pending[T, R]] = collections.deque()
+        for pending in self._queue:
+            if pending.wanted(now):
+                kept.append(pending)
+            else:
+                self._skip(pending)
         if len(kept) != len(self._queue):
-            for pending in self._queue:
-                if not pending.wanted(now):
-                    self._skip(pending)
             self._queue = kept
             self._observer.queue_depth(self.depth)
 
