@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import resource
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -110,6 +112,7 @@ class LoadResult:
     latencies_by_status_s: dict[int, list[float]] = field(default_factory=dict)
     errors: int = 0
     client_cpu_s: float = 0.0
+    machine: MachineTimes | None = None  # the whole machine's CPU time over the window
 
     @property
     def completed(self) -> int:
@@ -131,6 +134,16 @@ class LoadResult:
     def client_cpu_cores(self) -> float:
         return self.client_cpu_s / self.duration_s
 
+    def machine_cores(self) -> dict[str, float]:
+        """The machine's busy and stolen CPU time in cores over the window: steal is time
+        the hypervisor gave to other guests, which no setting here can win back."""
+        if self.machine is None:
+            return {}
+        return {
+            "machine_busy_cores": round(self.machine.busy_s / self.duration_s, 3),
+            "steal_cores": round(self.machine.steal_s / self.duration_s, 3),
+        }
+
     def percentile_ms(self, q: float) -> float:
         return (
             float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else float("nan")
@@ -150,7 +163,37 @@ class LoadResult:
             "p90_ms": round(self.percentile_ms(90), 2),
             "p99_ms": round(self.percentile_ms(99), 2),
             "client_cpu_cores": round(self.client_cpu_cores, 3),
+            **self.machine_cores(),
         }
+
+
+@dataclass(frozen=True)
+class MachineTimes:
+    """CPU seconds summed over all cores, from /proc/stat (Linux)."""
+
+    busy_s: float  # user, nice, system, irq, softirq
+    steal_s: float
+
+    def __sub__(self, earlier: MachineTimes) -> MachineTimes:
+        return MachineTimes(self.busy_s - earlier.busy_s, self.steal_s - earlier.steal_s)
+
+
+def machine_times(proc_stat: Path = Path("/proc/stat")) -> MachineTimes | None:
+    try:
+        with proc_stat.open() as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return MachineTimes((user + nice + system + irq + softirq) / tick, steal / tick)
+
+
+def _since(before: MachineTimes | None) -> MachineTimes | None:
+    after = machine_times()
+    return after - before if after is not None and before is not None else None
 
 
 def _cpu_seconds() -> float:
@@ -190,14 +233,17 @@ async def closed_loop(
                 result.latencies_s.append(done - sent)
 
     cpu_before: float | None = None
+    machine_before: MachineTimes | None = None
 
     async def measure_cpu() -> None:
-        nonlocal cpu_before
+        nonlocal cpu_before, machine_before
         await asyncio.sleep(max(0.0, start - time.perf_counter()))
         cpu_before = _cpu_seconds()
+        machine_before = machine_times()
 
     await asyncio.gather(measure_cpu(), *(worker(c) for c in connections))
     result.client_cpu_s = _cpu_seconds() - (cpu_before or _cpu_seconds())
+    result.machine = _since(machine_before)
     # Requests sent before `stop` may finish after it; count the window they ran in.
     result.duration_s = max(duration_s, time.perf_counter() - start)
     for connection in connections:
@@ -255,6 +301,7 @@ async def open_loop(
             idle.append(connection)
 
     cpu_before = _cpu_seconds()
+    machine_before = machine_times()
     start = loop.time() + 0.05
     for offset in offsets:
         scheduled = start + float(offset)
@@ -264,6 +311,7 @@ async def open_loop(
         tasks.append(asyncio.ensure_future(one(scheduled, next(cycle))))
     await asyncio.gather(*tasks)
     result.client_cpu_s = _cpu_seconds() - cpu_before
+    result.machine = _since(machine_before)
     result.duration_s = loop.time() - start
     for connection in idle:
         if connection.transport is not None:

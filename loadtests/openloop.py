@@ -86,7 +86,8 @@ async def compare(
                 print(
                     f"  round {round_index + 1} {load:.0%} {target.name:<12} "
                     f"p50 {result.percentile_ms(50):7.1f}  p99 {result.percentile_ms(99):7.1f} ms"
-                    f"  ({result.completed} ok, {result.failed} failed)",
+                    f"  ({result.completed} ok, {result.failed} failed)"
+                    f"{steal_note(result)}",
                     flush=True,
                 )
     return {
@@ -99,6 +100,13 @@ async def compare(
         },
         "summary": summarise(points, baseline, saturations),
     }
+
+
+def steal_note(result: client.LoadResult) -> str:
+    """The CPU the hypervisor took from this machine during a point, where it took any:
+    a tail that coincides with it is the host's, not the server's."""
+    steal = result.machine_cores().get("steal_cores", 0.0)
+    return f"  steal {steal:.2f} cores" if steal >= 0.01 else ""
 
 
 async def saturation_rounds(

@@ -3,13 +3,14 @@ ratio to it measures batching, not a difference in work), and the open-loop summ
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from loadtests.client import arrival_offsets
+from loadtests.client import LoadResult, arrival_offsets, machine_times
 from loadtests.naive import create_naive_app
 from loadtests.openloop import summarise
 from service.app import create_app
@@ -78,3 +79,22 @@ def test_an_open_loop_point_sends_its_count_unless_time_runs_out_first() -> None
     unbounded = arrival_offsets(50.0, 10.0, seed=1)
     assert 400 < len(unbounded) < 600
     assert unbounded[-1] < 10
+
+
+def test_a_point_reports_the_cpu_the_hypervisor_stole_from_the_machine(tmp_path: Path) -> None:
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal, in ticks.
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1000 100 300 5000 40 20 30 50 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    before = machine_times(stat)
+    stat.write_text("cpu  1400 100 500 5600 40 20 80 250 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    after = machine_times(stat)
+    assert before is not None
+    assert after is not None
+    result = LoadResult("open", 10.0, duration_s=2.0, images_per_request=1)
+    result.machine = after - before
+    tick = os.sysconf("SC_CLK_TCK")
+    summary = result.summary()
+    assert summary["machine_busy_cores"] == pytest.approx((400 + 200 + 50) / tick / 2, abs=1e-3)
+    assert summary["steal_cores"] == pytest.approx(200 / tick / 2, abs=1e-3)
+    assert machine_times(tmp_path / "absent") is None
+    assert "steal_cores" not in LoadResult("open", 10.0, 2.0, 1).summary()
