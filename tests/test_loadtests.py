@@ -3,6 +3,8 @@ ratio to it measures batching, not a difference in work), and the open-loop summ
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from loadtests import client
 from loadtests.client import LoadResult, arrival_offsets, machine_times
 from loadtests.naive import create_naive_app
 from loadtests.openloop import summarise
@@ -98,3 +101,36 @@ def test_a_point_reports_the_cpu_the_hypervisor_stole_from_the_machine(tmp_path:
     assert summary["steal_cores"] == pytest.approx(200 / tick / 2, abs=1e-3)
     assert machine_times(tmp_path / "absent") is None
     assert "steal_cores" not in LoadResult("open", 10.0, 2.0, 1).summary()
+
+
+@pytest.mark.parametrize(("reuse_idle_s", "fresh_connections"), [(100.0, 0), (0.0, 5)])
+def test_the_open_loop_reuses_only_connections_idle_a_short_while(
+    monkeypatch: pytest.MonkeyPatch, reuse_idle_s: float, fresh_connections: int
+) -> None:
+    """A connection idle past `REUSE_IDLE_S` is closed and a new one opened: a server
+    closing idle connections (uvicorn's 5 s keep-alive) must not fail the next request."""
+    monkeypatch.setattr(client, "REUSE_IDLE_S", reuse_idle_s)
+    accepted = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    async def scenario() -> client.LoadResult:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            request = client.raw_request("/", b"", "text/plain", f"127.0.0.1:{port}")
+            return await client.open_loop("127.0.0.1", port, [request], 50.0, 5.0, count=5)
+
+    result = asyncio.run(scenario())
+    assert result.completed == 5
+    assert result.failed == 0
+    assert accepted == 8 + fresh_connections  # 8 opened up front
