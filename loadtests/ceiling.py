@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings
-from service.loading import load_onnx_engine
+from service.engine.loading import load_onnx_engine
+from service.engine.policy import device_policy
+from service.images.preprocess import ImagePreprocessor
 from service.model_package import ModelPackage, Precision
-from service.policy import device_policy
-from service.preprocess import ImagePreprocessor
 
 
 class InProcess:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine import EngineOptions, InferenceEngine, resolve_providers
+from service.engine.onnx_engine import EngineOptions, InferenceEngine, resolve_providers
 from service.model_package import ModelPackage, Precision
 
 # (name, sessions, whether each caller at once runs alone)

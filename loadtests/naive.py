@@ -21,9 +21,9 @@ from fastapi import FastAPI, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ServiceError
+from service.images.postprocess import top_k
+from service.images.preprocess import ImagePreprocessor
 from service.model_package import ModelPackage, Precision
-from service.postprocess import top_k
-from service.preprocess import ImagePreprocessor
 
 MAX_IMAGE_PIXELS = 50_000_000
 

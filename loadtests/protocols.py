@@ -27,9 +27,9 @@ from loadtests import images
 from loadtests.cli import ensure_package
 from loadtests.client import REQUEST_TIMEOUT_S, LoadResult, _cpu_seconds, closed_loop, raw_request
 from loadtests.server import free_port, running_server
-from service.v2_proto import grpc_predict_v2_pb2 as pb
-from service.v2_proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.v2_tensors import serialize_bytes
+from service.frontend.v2.proto import grpc_predict_v2_pb2 as pb
+from service.frontend.v2.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.frontend.v2.tensors import serialize_bytes
 
 TOP_K = 5
 ENCODED_INPUT = "image_bytes"

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from service.errors import ImageTooLarge, InvalidImage
+from service.images.preprocess import ImagePreprocessor
 from service.model_package import ModelPackage, PackageError, Precision
-from service.preprocess import ImagePreprocessor
 
 PROG = "resnet-eval"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}

@@ -1,7 +1,7 @@
 """Real photos for verification and INT8 calibration.
 
 Verification uses photos scikit-image ships, preprocessed exactly as the service will
-preprocess a client's upload (`service.preprocess`), so parity is checked on the pixels the
+preprocess a client's upload (`service.images.preprocess`), so parity is checked on the pixels the
 graph will really see. The 16 photos are split in two halves: INT8 is calibrated on one
 (`CALIBRATION_PHOTO_NAMES`, varied with random crops, flips and colour jitter) and every
 variant is verified on the other (`VERIFICATION_PHOTO_NAMES`), so INT8 is never checked on
@@ -17,8 +17,8 @@ from PIL import Image, ImageEnhance
 
 from model_export.errors import ExportError
 from service.errors import ImageTooLarge, InvalidImage
+from service.images.preprocess import ImagePreprocessor
 from service.model_package import PreprocessSpec
-from service.preprocess import ImagePreprocessor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # Real photographs among scikit-image's bundled data (drawings, charts and text left out).

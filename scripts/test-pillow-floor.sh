@@ -11,4 +11,4 @@ trap 'rm -rf "$target"' EXIT
 .venv/bin/python -m pip install --quiet --no-deps --target "$target" "pillow==${floor}"
 PYTHONPATH="$target" .venv/bin/python -c \
   "import PIL, sys; print('pillow floor:', PIL.__version__); sys.exit(PIL.__version__.split('.')[:2] != '${floor}'.split('.')[:2])"
-PYTHONPATH="$target" .venv/bin/python -m pytest tests/test_preprocess.py -q -p no:cacheprovider
+PYTHONPATH="$target" .venv/bin/python -m pytest tests/images/test_preprocess.py -q -p no:cacheprovider

@@ -20,13 +20,13 @@ from typing import Any, get_args
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.config import ENV_ONLY, ENV_PREFIX, Settings
-from service.logs import configure_logging
+from service.engine.runtime import Runtime, State
+from service.frontend.app import create_app
+from service.frontend.http_protocol import with_header_timeout
+from service.frontend.security import KeyFileError
 from service.model_package import ModelPackage, PackageError
-from service.protocol import with_header_timeout
-from service.runtime import Runtime, State
-from service.security import KeyFileError
+from service.observability.logs import configure_logging
 
 log = logging.getLogger("resnet_serve")
 EXIT_BAD_CONFIG = 2

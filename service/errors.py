@@ -6,6 +6,20 @@ Nothing here knows about FastAPI: the app turns a `ServiceError` into
 
 from __future__ import annotations
 
+_SHOWN_CHARS = 32
+
+
+def shown(value: object) -> str:
+    """A client value as it may appear in an error message: quoted and cut short."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def clipped(error: BaseException, limit: int = 120) -> str:
+    """A library's error text, cut short: some quote the input they choked on."""
+    text = str(error)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class ServiceError(Exception):
     status: int = 500

@@ -73,7 +73,7 @@ def http_options(
     """What both clients give their httpx client."""
     headers = {"user-agent": USER_AGENT}
     if api_key:
-        headers["authorization"] = f"Bearer {api_key}"  # what service/security.py checks
+        headers["authorization"] = f"Bearer {api_key}"  # what service/frontend/security.py checks
     return {"base_url": base_url, "headers": headers, "timeout": timeout}
 
 

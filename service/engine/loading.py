@@ -1,0 +1,137 @@
+"""Opening the model for the runtime: the engine and the variant it serves, and what gets
+reported about it once it is warm (the log lines and the model-info metrics). The
+`Runtime` decides when; this module knows how."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from service.config import Settings
+from service.cpus import ThreadPlan
+from service.engine.onnx_engine import CUDA, EngineOptions, InferenceEngine, resolve_providers
+from service.engine.policy import DevicePolicy
+from service.engine.providers import ProviderReport, open_variant
+from service.model_package import Manifest, ModelPackage, Precision
+from service.observability.metrics import ServiceMetrics
+
+log = logging.getLogger("resnet_serve")
+
+Outputs = tuple[np.ndarray, np.ndarray]  # a batch's (logits, embeddings)
+
+
+class Engine(Protocol):
+    """What the runtime needs of an engine (the real one, or a test double)."""
+
+    providers: list[str]  # what the session got
+    providers_requested: list[str]  # what it was created with (`auto` resolved)
+    device: str
+
+    @property
+    def has_solo_session(self) -> bool: ...  # a batch that runs alone gets every CPU
+
+    def run(self, batch: np.ndarray, alone: bool = False) -> Outputs: ...
+    def warm_up(self, batch_sizes: list[int]) -> None: ...
+
+
+EngineFactory = Callable[[Settings, ModelPackage], tuple[Engine, Precision, list[str]]]
+
+
+@dataclass
+class Served:
+    """What was actually loaded: may differ from what was asked (see `warnings`)."""
+
+    precision: Precision
+    providers: list[str]
+    device: str
+    warnings: list[str] = field(default_factory=list)
+    providers_requested: list[str] = field(default_factory=list)
+    gpu_fallback: str | None = None  # why a GPU that was asked for is not in use
+
+
+def load_onnx_engine(
+    settings: Settings, package: ModelPackage
+) -> tuple[Engine, Precision, list[str]]:
+    providers = resolve_providers(settings.providers)
+    threads = settings.thread_plan(gpu=CUDA in providers)
+    options = EngineOptions(
+        providers=providers,
+        device_id=settings.device_id,
+        instances=threads.instances,
+        intra_op_threads=threads.intra_op_threads,
+        solo_threads=threads.solo_threads,
+        inter_op_threads=settings.inter_op_threads,
+        allow_spinning=threads.spinning,
+    )
+    # The variant follows the providers the session got, not those asked for.
+    return open_variant(
+        package, settings.precision, providers, lambda path: InferenceEngine(path, options)
+    )
+
+
+def record_load(
+    metrics: ServiceMetrics,
+    settings: Settings,
+    manifest: Manifest,
+    precision: Precision,
+    engine: Engine,
+    report: ProviderReport,
+    load_s: float,
+    warm_s: float,
+) -> None:
+    metrics.model_loaded(load_s, warm_s, engine.device, settings.device_id)
+    metrics.model.info(
+        {
+            "name": manifest.name,
+            "version": manifest.version,
+            "arch": manifest.arch,
+            "precision": str(precision),
+            "trained": str(manifest.trained).lower(),
+            "device": engine.device,
+            "providers": ",".join(engine.providers),
+            "gpu_fallback": str(report.gpu_fallback).lower(),
+        }
+    )
+
+
+def log_load(
+    manifest: Manifest,
+    precision: Precision,
+    engine: Engine,
+    sizes: list[int],
+    load_s: float,
+    warm_s: float,
+) -> None:
+    log.info(
+        "loaded %s v%s (%s, %s, %s) on %s in %.1f s, warm-up over batch sizes %s in %.1f s",
+        manifest.name,
+        manifest.version,
+        manifest.arch,
+        precision,
+        "trained" if manifest.trained else "UNTRAINED",
+        ", ".join(engine.providers),
+        load_s,
+        sizes,
+        warm_s,
+    )
+
+
+def log_plan(plan: ThreadPlan, policy: DevicePolicy, device: str) -> None:
+    log.info(
+        "threads: %g CPU(s) available (%s); %d engine instance(s) of %d ONNX Runtime "
+        "thread(s)%s, spinning %s; %d batch(es) at once; %d decode worker(s)",
+        plan.limit.cpus,
+        plan.limit.source,
+        plan.instances,
+        plan.intra_op_threads,
+        f" and a {plan.solo_threads}-thread session for lone batches"
+        if plan.solo_threads > plan.intra_op_threads and device == "cpu"
+        else "",
+        "on" if plan.spinning else "off",
+        policy.concurrent_batches,
+        plan.decode_workers,
+    )
