@@ -21,9 +21,9 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.config import ENV_ONLY, ENV_PREFIX, Settings
-from service.engine.runtime import Runtime, State
 from service.frontend.app import create_app
 from service.frontend.http_protocol import with_header_timeout
+from service.frontend.runtime import Runtime, State
 from service.frontend.security import KeyFileError
 from service.model_package import ModelPackage, PackageError
 from service.observability.logs import configure_logging

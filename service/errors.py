@@ -148,7 +148,38 @@ class Draining(ServiceError):
     message = "the server is shutting down"
 
 
+class EngineUnavailable(ServiceError):
+    """The engine process is gone: nothing in flight will be answered, and the server is
+    exiting so that it is restarted."""
+
+    status = 503
+    code = "engine_unavailable"
+    message = "the inference engine stopped; the server is restarting"
+
+
 class DeadlineExceeded(ServiceError):
     status = 504
     code = "deadline_exceeded"
     message = "the request did not complete within its deadline"
+
+
+def _subclasses(cls: type[ServiceError]) -> list[type[ServiceError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
+
+
+def error_from(
+    code: str, message: str, status: int, headers: dict[str, str] | None = None
+) -> ServiceError:
+    """The error a code names, rebuilt on the other side of a process boundary."""
+    for cls in _subclasses(ServiceError):
+        if cls.code == code and cls.status == status:
+            error = cls(message)
+            break
+    else:
+        error = ServiceError(message)
+        error.status, error.code = status, code
+    error.headers = {**error.headers, **(headers or {})}
+    return error

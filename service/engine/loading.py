@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -14,8 +13,8 @@ import numpy as np
 from service.config import Settings
 from service.cpus import ThreadPlan
 from service.engine.onnx_engine import CUDA, EngineOptions, InferenceEngine, resolve_providers
-from service.engine.policy import DevicePolicy
 from service.engine.providers import ProviderReport, open_variant
+from service.engine_api import DevicePolicy
 from service.model_package import Manifest, ModelPackage, Precision
 from service.observability.metrics import ServiceMetrics
 
@@ -39,18 +38,6 @@ class Engine(Protocol):
 
 
 EngineFactory = Callable[[Settings, ModelPackage], tuple[Engine, Precision, list[str]]]
-
-
-@dataclass
-class Served:
-    """What was actually loaded: may differ from what was asked (see `warnings`)."""
-
-    precision: Precision
-    providers: list[str]
-    device: str
-    warnings: list[str] = field(default_factory=list)
-    providers_requested: list[str] = field(default_factory=list)
-    gpu_fallback: str | None = None  # why a GPU that was asked for is not in use
 
 
 def load_onnx_engine(

@@ -21,24 +21,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from service.config import Settings
 from service.cpus import ThreadPlan
+from service.engine_api import DevicePolicy
 
 GPU_CONCURRENT_BATCHES = 2
 # On CPUs a batch on an instance of several threads takes up to 2 images per thread.
 CPU_BUSY_IMAGES_PER_THREAD = 2
-
-
-@dataclass(frozen=True)
-class DevicePolicy:
-    device: str
-    concurrent_batches: int
-    partial_batches_while_busy: bool
-    busy_batch_size: int  # the most images a batch that shares the engine takes
-    decode_in_batch: bool
-    warmup_sizes: list[int]
 
 
 def device_policy(settings: Settings, plan: ThreadPlan, device: str) -> DevicePolicy:

@@ -1,6 +1,8 @@
 """`create_app(settings)`: the FastAPI application, assembled from its parts.
 
-- `Runtime` (service/engine/runtime.py): model loading, decoding, batching, draining;
+- `Runtime` (runtime.py): admission, header checks, decoding, draining, over an
+  `EngineClient` (service/engine_api.py): the engine in this process (`LocalEngine`) or
+  in its own (`RemoteEngine`, over the channel); nothing here knows which;
 - `ImageRequests` (service/frontend/handling.py): the one path every image request takes;
 - one module per protocol over them: `RestApi` (rest_api.py: /predict, /embed, probes),
   the Open Inference Protocol (KServe v2) over HTTP (v2/http_api.py: /v2) and, with
@@ -24,13 +26,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.config import Settings
-from service.engine.loading import EngineFactory, load_onnx_engine
-from service.engine.runtime import Runtime
+from service.engine_api import EngineClient
 from service.errors import InvalidParameter, ServiceError, shown
 from service.frontend.handling import ImageRequests
 from service.frontend.openapi_docs import mount_offline_docs
 from service.frontend.responses import error_response, json_response
 from service.frontend.rest_api import RestApi, service_version
+from service.frontend.runtime import Runtime
 from service.frontend.security import ApiKeyMiddleware, ApiKeys, open_paths
 from service.frontend.v2.http_api import V2HttpApi, is_v2_path, v2_error_response
 from service.frontend.v2.model import V2Model
@@ -41,9 +43,29 @@ from service.observability.metrics import ServiceMetrics
 log = logging.getLogger("resnet_serve")
 
 
-def create_app(settings: Settings, *, engine_factory: EngineFactory = load_onnx_engine) -> FastAPI:
+EngineMaker = Callable[[ServiceMetrics], EngineClient]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine_factory: Callable[..., Any] | None = None,
+    engine: EngineMaker | None = None,
+) -> FastAPI:
+    """The app over `engine` (made with the app's metrics), or by default over the engine
+    in this process, opened by `engine_factory` (`load_onnx_engine` unless a test gives
+    its own). Only the in-process default imports ONNX Runtime."""
     metrics = ServiceMetrics()
-    runtime = Runtime(settings, metrics, engine_factory)
+    if engine is None:
+        from service.engine.local import LocalEngine
+
+        if engine_factory is None:
+            client: EngineClient = LocalEngine(settings, metrics)
+        else:
+            client = LocalEngine(settings, metrics, engine_factory)
+    else:
+        client = engine(metrics)
+    runtime = Runtime(settings, metrics, client)
     keys = ApiKeys([key.get_secret_value() for key in settings.api_keys], settings.api_keys_file)
     requests = ImageRequests(runtime, settings, metrics)
     v2_model = V2Model(runtime, settings)
@@ -95,17 +117,14 @@ def _lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Load in the background: /healthz answers at once, /readyz turns 200 when warm.
-        loading = asyncio.create_task(runtime.load(), name="load-model")
-        app.state.loading = loading
+        app.state.loop = asyncio.get_running_loop()
+        await runtime.load()  # in the background: /healthz answers at once
         grpc_server = None
         if settings.grpc_port:
             grpc_server, app.state.grpc_port = await start_grpc()
         try:
             yield
         finally:
-            if not loading.done():
-                loading.cancel()
             if grpc_server is not None:  # drained with HTTP: calls in flight finish first
                 from service.frontend.v2.grpc_api import stop_grpc_server
 

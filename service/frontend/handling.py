@@ -28,12 +28,13 @@ from fastapi.responses import Response
 from starlette.types import Message
 
 from service.config import Settings
-from service.engine.runtime import ImageResult, Runtime, error_reason
+from service.engine_api import ALL_OUTPUTS
 from service.errors import ClientClosedRequest, RequestTimeout, ServiceError
 from service.frontend.limits import ByteBudget, Lease
 from service.frontend.params import check_fields
 from service.frontend.payloads import Payload, parse_payload, read_body
 from service.frontend.responses import error_response
+from service.frontend.runtime import ImageResult, Runtime, error_reason
 from service.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("resnet_serve")
@@ -119,20 +120,29 @@ class ImageRequests:
                 self.metrics.images.labels(endpoint).inc(tally.images)
 
     async def run(
-        self, images: list[bytes] | np.ndarray, request: Request | None = None
+        self,
+        images: list[bytes] | np.ndarray,
+        request: Request | None = None,
+        outputs: frozenset[str] = ALL_OUTPUTS,
     ) -> list[ImageResult]:
         """Decode (unless given pixels), batch and run the images within the request
-        deadline; over HTTP, cancelled if the client goes away."""
-        return await self.run_within(images, self.settings.request_timeout_ms / 1000, request)
+        deadline; over HTTP, cancelled if the client goes away. `outputs`: those the
+        response needs (the others may come back empty)."""
+        timeout_s = self.settings.request_timeout_ms / 1000
+        return await self.run_within(images, timeout_s, request, outputs)
 
     async def run_within(
-        self, images: list[bytes] | np.ndarray, timeout_s: float, request: Request | None = None
+        self,
+        images: list[bytes] | np.ndarray,
+        timeout_s: float,
+        request: Request | None = None,
+        outputs: frozenset[str] = ALL_OUTPUTS,
     ) -> list[ImageResult]:
         """`run` with a deadline of `timeout_s`: the client's own, where it sent one (gRPC)."""
         if isinstance(images, np.ndarray):
-            work = self.runtime.infer_pixels(images, timeout_s)
+            work = self.runtime.infer_pixels(images, timeout_s, outputs)
         else:
-            work = self.runtime.infer(images, timeout_s)
+            work = self.runtime.infer(images, timeout_s, outputs)
         if request is None:
             return await work  # gRPC cancels the handler's task when the client goes
         results = await until_disconnected(request, work)
@@ -147,6 +157,7 @@ class ImageRequests:
         fields: frozenset[str],
         read_params: Callable[[Mapping[str, object]], P],
         render: Callable[[list[ImageResult], P], Response],
+        outputs: frozenset[str] = ALL_OUTPUTS,
     ) -> Response:
         started = time.perf_counter()
         lease = Lease(self.body_budget)
@@ -158,7 +169,7 @@ class ImageRequests:
                 payload = await self._read_payload(request, lease)
                 check_fields(payload.fields, fields)
                 params = read_params({**query, **payload.fields})
-                results = await self.run(payload.images, request)
+                results = await self.run(payload.images, request, outputs)
                 response = render(results, params)
                 elapsed = time.perf_counter() - started
                 response.headers["Server-Timing"] = server_timing(results, elapsed)

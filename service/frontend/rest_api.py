@@ -9,11 +9,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from service.config import Settings
-from service.engine.runtime import ImageResult, Runtime, State
+from service.engine_api import EMBEDDING, LOGITS
 from service.errors import Draining, NotReady
 from service.frontend.handling import ImageRequests
 from service.frontend.params import EmbedParams, PredictParams, embed_params, predict_params
 from service.frontend.responses import error_response, json_response
+from service.frontend.runtime import ImageResult, Runtime, State
 from service.frontend.schemas import (
     ERROR_RESPONSES,
     EmbedResponse,
@@ -103,7 +104,12 @@ class RestApi:
         ] = None,
     ) -> Response:
         return await self.requests.serve(
-            request, "predict", PREDICT_FIELDS, self._predict_params, self._render_predictions
+            request,
+            "predict",
+            PREDICT_FIELDS,
+            self._predict_params,
+            self._render_predictions,
+            frozenset({LOGITS}),
         )
 
     async def embed(
@@ -116,7 +122,12 @@ class RestApi:
         ] = None,
     ) -> Response:
         return await self.requests.serve(
-            request, "embed", EMBED_FIELDS, embed_params, self._render_embeddings
+            request,
+            "embed",
+            EMBED_FIELDS,
+            embed_params,
+            self._render_embeddings,
+            frozenset({EMBEDDING}),
         )
 
     def _predict_params(self, values: Any) -> PredictParams:
@@ -225,7 +236,8 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
             serving["verified_against"] = variant.verification.reference
             serving["verified_on"] = variant.verification.provider
         info["serving"] = serving
-    info["threads"] = runtime.threads.describe()
+    engine_info = runtime.engine.info
+    info["threads"] = engine_info.threads if engine_info else runtime.threads.describe()
     info["batching"] = {
         "max_batch_size": settings.max_batch_size,
         "max_queue_delay_ms": settings.max_queue_delay_ms,

@@ -57,6 +57,7 @@ REJECTION_REASONS = [
     "too_busy",
     "draining",
     "not_ready",
+    "engine_unavailable",
     "deadline",
     "client_disconnected",
     "body_timeout",

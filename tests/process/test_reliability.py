@@ -279,7 +279,7 @@ def test_a_thousand_clients_that_vanish_in_the_queue_are_skipped_without_leaks(
     engine.gate = threading.Event()
     url, app = make_server(max_batch_size=8, max_queue_size=256)
     runtime = app.state.runtime  # type: ignore[attr-defined]
-    loop = app.state.loading.get_loop()  # type: ignore[attr-defined]
+    loop = app.state.loop  # type: ignore[attr-defined]
     request = raw_request("/predict", png(), "image/png", "t")
 
     def tasks_on_server_loop() -> int:

@@ -155,7 +155,9 @@ class V2GrpcServicer(pb_grpc.GRPCInferenceServiceServicer):
                 remaining = context.time_remaining()
                 if remaining is not None:
                     timeout_s = max(0.0, min(timeout_s, remaining))
-                results = await self.requests.run_within(plan.images, timeout_s)
+                results = await self.requests.run_within(
+                    plan.images, timeout_s, outputs=plan.wanted
+                )
                 outputs = self.model.render(plan, results)
                 response = to_proto(name, package.manifest.version, request.id, outputs)
                 tally.status, tally.images = 200, len(results)

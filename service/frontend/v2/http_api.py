@@ -17,11 +17,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.engine.runtime import State
 from service.errors import BadRequest, Draining, NotReady, ServiceError, shown
 from service.frontend.handling import ImageRequests, server_timing
 from service.frontend.limits import Lease
 from service.frontend.responses import json_response
+from service.frontend.runtime import State
 from service.frontend.v2.model import V2Model, server_metadata
 from service.frontend.v2.tensors import (
     InferRequest,
@@ -160,7 +160,7 @@ class V2HttpApi:
                 body = await self.requests.read_body(request, lease)
                 parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
                 plan = self.model.plan(model_name, model_version, parsed)
-                results = await self.requests.run(plan.images, request)
+                results = await self.requests.run(plan.images, request, plan.wanted)
                 outputs = self.model.render(plan, results)
                 version = package.manifest.version
                 response = render_response(model_name, version, parsed.id, outputs)

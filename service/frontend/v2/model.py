@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
-from service.engine.runtime import ImageResult, Runtime, State
 from service.errors import BadRequest, Draining, NotFound, NotReady, TooManyImages
 from service.frontend.rest_api import service_version
+from service.frontend.runtime import ImageResult, Runtime, State
 from service.frontend.v2.tensors import BYTES, InferRequest, OutputTensor, RequestedOutput
 from service.model_package import ModelPackage
 
@@ -35,6 +35,11 @@ class Plan:
 
     images: list[bytes] | np.ndarray
     outputs: list[RequestedOutput]
+
+    @property
+    def wanted(self) -> frozenset[str]:
+        """The outputs to compute (the engine may leave the others out)."""
+        return frozenset(output.name for output in self.outputs)
 
 
 def server_metadata() -> dict[str, Any]:
