@@ -1,4 +1,8 @@
-"""`resnet-serve`: run the service under uvicorn, with draining shutdown on SIGTERM.
+"""`resnet-serve`: run the service, with draining shutdown on SIGTERM.
+
+By default one engine process (ONNX Runtime, the batcher) and `--workers` front-end
+processes (HTTP, gRPC, decoding) under a supervisor (service/supervisor.py); with
+`--workers 0`, all of it in this one process under uvicorn.
 
 Every flag is generated from `Settings`, so each one is also an environment variable
 (`--max-batch-size` ↔ `RESNET_SERVE_MAX_BATCH_SIZE`) and the help text cannot drift.
@@ -7,95 +11,24 @@ Every flag is generated from `Settings`, so each one is also an environment vari
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import math
-import signal
 import sys
 from collections.abc import Sequence
 from enum import Enum
-from types import FrameType
 from typing import Any, get_args
 
-import uvicorn
 from pydantic import ValidationError
 
 from service.config import ENV_ONLY, ENV_PREFIX, Settings
 from service.frontend.app import create_app
-from service.frontend.http_protocol import with_header_timeout
-from service.frontend.runtime import Runtime, State
-from service.frontend.security import KeyFileError
+from service.frontend.security import ApiKeys, KeyFileError
+from service.frontend.server import DrainingServer, uvicorn_config
 from service.model_package import ModelPackage, PackageError
 from service.observability.logs import configure_logging
 
 log = logging.getLogger("resnet_serve")
 EXIT_BAD_CONFIG = 2
-EXIT_LOAD_FAILED = 1
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, except that SIGTERM (or Ctrl-C) first drains.
-
-    On the first signal readiness turns 503 and new requests get 503 `draining`, while
-    every request already accepted runs to its answer; then uvicorn closes the listener
-    and exits. The whole of it (the wait, uvicorn's own graceful shutdown, the batcher's
-    close) keeps one deadline, `shutdown_grace_s` after the signal, so a pod's
-    `terminationGracePeriodSeconds` of grace + preStop sleep + a few seconds always
-    suffices. A second signal skips the wait, a third forces the exit.
-    """
-
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, grace_s: float) -> None:
-        super().__init__(config)
-        self.runtime = runtime
-        self.grace_s = grace_s
-        self.exit_code = 0
-        self._signals = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._background: set[asyncio.Task[None]] = set()
-
-    async def startup(self, sockets: list[Any] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-        self._spawn(self._exit_if_load_fails())
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._signals += 1
-        if self._signals == 1 and self._loop is not None:
-            log.info("received %s: draining", signal.Signals(sig).name)
-            self._loop.call_soon_threadsafe(self._spawn, self._drain())
-        elif self._signals == 2:
-            self.should_exit = True
-        else:
-            self.should_exit = self.force_exit = True
-
-    async def _drain(self) -> None:
-        runtime = self.runtime
-        runtime.begin_drain(self.grace_s)
-        pending = runtime.in_progress
-        finished = await runtime.wait_idle(runtime.drain_time_left(self.grace_s))
-        if finished:
-            log.info("drained: the %d request(s) in progress at SIGTERM were answered", pending)
-        else:
-            log.error(
-                "grace period of %.0f s ran out with %d request(s) unanswered",
-                self.grace_s,
-                runtime.in_progress,
-            )
-        # uvicorn reads this when it shuts down: what is left of the one deadline (whole
-        # seconds, as uvicorn takes them; the formula's few seconds of slack cover it).
-        self.config.timeout_graceful_shutdown = math.ceil(runtime.drain_time_left(self.grace_s))
-        self.should_exit = True
-
-    async def _exit_if_load_fails(self) -> None:
-        if await self.runtime.wait_loaded() is State.FAILED:
-            log.error("exiting: the model could not be loaded")
-            self.exit_code = EXIT_LOAD_FAILED
-            self.should_exit = True
+__all__ = ["DrainingServer", "build_parser", "main"]
 
 
 def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
@@ -161,27 +94,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         ModelPackage.load(settings.model_dir)  # fail fast, before binding the port
-        app = create_app(settings)
+        ApiKeys([key.get_secret_value() for key in settings.api_keys], settings.api_keys_file)
     except (PackageError, KeyFileError) as exc:
         print(f"resnet-serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop=settings.event_loop,
-        http=with_header_timeout(settings.header_timeout_s),
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-        timeout_keep_alive=settings.keepalive_timeout_s,
-        server_header=False,
-    )
+    workers = settings.worker_count()
+    if workers == 0:
+        return serve_in_one_process(settings)
+    from service.supervisor import Supervisor, SupervisorError
+
+    try:
+        return Supervisor(settings, workers).run()
+    except SupervisorError as exc:
+        print(f"resnet-serve: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+
+def serve_in_one_process(settings: Settings) -> int:
+    """`--workers 0`: the front-end and the engine in this process, under uvicorn."""
+    log.info("processes: one (--workers 0): HTTP, decoding and the engine share this process")
+    app = create_app(settings)
     if settings.metrics_port is not None:  # observability hook: /metrics off the main port
         bound = app.state.metrics.serve_separately(settings.host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.host, bound)
-    server = DrainingServer(config, app.state.runtime, settings.shutdown_grace_s)
+    server = DrainingServer(
+        uvicorn_config(app, settings), app.state.runtime, settings.shutdown_grace_s
+    )
     server.run()
     return server.exit_code
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.cpus import ThreadPlan, cpu_limit, plan_threads
+from service.cpus import ThreadPlan, auto_workers, cpu_limit, plan_threads
 from service.model_package import Precision
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -174,6 +174,17 @@ class Settings(BaseSettings):
     )
     api_key_for_metrics: bool = Field(False, description="require the API key on /metrics too")
 
+    # --- processes
+    workers: int | None = Field(
+        None,
+        ge=0,
+        le=32,
+        description="front-end processes (HTTP, gRPC, decoding) beside the one engine "
+        "process that owns the model and the batcher; all listen on the same port "
+        "(SO_REUSEPORT). 0: everything in one process. Default: from the CPUs this process "
+        "may use (service/cpus.py: auto_workers)",
+    )
+
     # --- server
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -231,6 +242,10 @@ class Settings(BaseSettings):
             self.allow_spinning,
             self.engine_instances or (1 if gpu else 0),
         )
+
+    def worker_count(self) -> int:
+        """The front-end processes to run: the setting, or chosen from the CPUs."""
+        return self.workers if self.workers is not None else auto_workers(cpu_limit())
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod

@@ -139,3 +139,15 @@ def plan_threads(
     else:
         spinning = allow_spinning
     return ThreadPlan(limit, count, intra, solo, decode, spinning)
+
+
+# One front-end process per this many CPUs, at least one, at most MAX_AUTO_WORKERS: a
+# front-end's event loop and decode threads want a core or two of their own, the engine the
+# rest (docs/benchmarks.md, "Front-end processes").
+CPUS_PER_WORKER = 4
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(limit: CpuLimit) -> int:
+    """The number of front-end processes when `--workers` is not set."""
+    return max(1, min(MAX_AUTO_WORKERS, limit.whole // CPUS_PER_WORKER))

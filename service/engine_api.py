@@ -133,5 +133,9 @@ class EngineClient(Protocol):
     async def alive(self, timeout_s: float) -> bool:
         """Whether the engine answers within `timeout_s` (liveness exercises the engine)."""
 
+    async def server_metrics(self) -> list[Any] | None:
+        """The whole server's metric families (plain form), when other processes hold some
+        of them; None when this process's registry is the whole server."""
+
     async def close(self, timeout_s: float) -> None:
         """Stop taking work; what was submitted gets `timeout_s` to finish."""

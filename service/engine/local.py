@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from types import TracebackType
-from typing import cast
+from typing import Any, cast
 
 from service.config import Settings
 from service.engine.batching import DynamicBatcher, Reservation
@@ -93,6 +93,9 @@ class LocalEngine:
 
     async def alive(self, timeout_s: float) -> bool:
         return self.core.state is not EngineState.FAILED
+
+    async def server_metrics(self) -> list[Any] | None:
+        return None
 
     async def close(self, timeout_s: float) -> None:
         if self._loading is not None and not self._loading.done():

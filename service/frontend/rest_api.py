@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from service.config import Settings
 from service.engine_api import EMBEDDING, LOGITS
-from service.errors import Draining, NotReady
+from service.errors import Draining, EngineUnavailable, NotReady
 from service.frontend.handling import ImageRequests
 from service.frontend.params import EmbedParams, PredictParams, embed_params, predict_params
 from service.frontend.responses import error_response, json_response
@@ -22,6 +22,7 @@ from service.frontend.schemas import (
     image_request_body,
 )
 from service.images import postprocess
+from service.observability import aggregate
 from service.observability.metrics import ServiceMetrics
 
 PREDICT_FIELDS = frozenset({"top_k"})
@@ -170,8 +171,12 @@ class RestApi:
     # ------------------------------------------------------------ operations
 
     async def healthz(self) -> Response:
+        if self.runtime.engine_gone:
+            return error_response(EngineUnavailable())
         if self.runtime.state is State.FAILED:
             return error_response(NotReady(LOAD_FAILED))
+        if not await self.runtime.live():
+            return error_response(EngineUnavailable("the inference engine did not answer"))
         return json_response({"status": "ok"})
 
     async def readyz(self) -> Response:
@@ -186,7 +191,12 @@ class RestApi:
         return json_response(describe(self.runtime, self.settings))
 
     async def prometheus_metrics(self, request: Request) -> Response:
-        body, content_type = self.metrics.render_for(request.headers.get("accept"))
+        accept = request.headers.get("accept")
+        families = await self.runtime.server_metrics()
+        if families is None:
+            body, content_type = self.metrics.render_for(accept)
+        else:
+            body, content_type = aggregate.render(families, accept)
         return Response(body, media_type=content_type)
 
 

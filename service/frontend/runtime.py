@@ -41,9 +41,11 @@ from service.errors import (
 from service.images.pixel_budget import PixelBudget
 from service.images.preprocess import ImagePreprocessor
 from service.model_package import ModelPackage
+from service.observability.aggregate import Family
 from service.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("resnet_serve")
+LIVENESS_TIMEOUT_S = 2.0  # below the chart's liveness probe timeout
 
 
 class State(StrEnum):
@@ -120,6 +122,17 @@ class Runtime:
     def batcher(self) -> object:
         """The in-process batcher (tests look into it); None over the channel."""
         return getattr(self.engine, "batcher", None)
+
+    async def live(self) -> bool:
+        """Liveness exercises the engine: a failed load, a dead or wedged engine is not live."""
+        if self.state is State.FAILED:
+            return False
+        return await self.engine.alive(LIVENESS_TIMEOUT_S)
+
+    async def server_metrics(self) -> list[Family] | None:
+        """The whole server's metric families when the engine is another process (it merges
+        every process's); None in one process, where this registry is the whole server."""
+        return await self.engine.server_metrics()
 
     # ------------------------------------------------------------ lifecycle
 

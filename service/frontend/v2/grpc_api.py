@@ -106,7 +106,7 @@ class V2GrpcServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._authorize(context, probe=True)
-        return pb.ServerLiveResponse(live=self.model.live)
+        return pb.ServerLiveResponse(live=await self.model.live())
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._authorize(context, probe=True)

@@ -126,8 +126,8 @@ class V2HttpApi:
         return json_response(server_metadata())
 
     async def live(self) -> Response:
-        if not self.model.live:
-            return v2_error_response(NotReady("the model failed to load"))
+        if not await self.model.live():
+            return v2_error_response(NotReady("the model failed to load or the engine stopped"))
         return json_response({"live": True})
 
     async def ready(self) -> Response:

@@ -53,9 +53,8 @@ class V2Model:
         self.runtime = runtime
         self.settings = settings
 
-    @property
-    def live(self) -> bool:
-        return self.runtime.state is not State.FAILED
+    async def live(self) -> bool:
+        return await self.runtime.live()
 
     @property
     def ready(self) -> bool:

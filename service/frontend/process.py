@@ -1,0 +1,77 @@
+"""A front-end process: the HTTP routes (and the v2 gRPC server with `--grpc-port`) over
+the engine process, reached through the channel (`RemoteEngine`). Never imports ONNX
+Runtime.
+
+Started by the supervisor (spawn). Each front-end binds its own listening socket on the
+server's port with SO_REUSEPORT, so the kernel spreads new connections evenly over the
+front-ends (one inherited socket let one front-end accept a whole burst of keep-alive
+connections: docs/benchmarks.md, "Front-end processes").
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+from service.channel.admission import AdmissionCounts, SharedFd
+from service.channel.client import RemoteEngine
+from service.config import Settings
+from service.engine_api import EngineClient
+from service.frontend.app import create_app
+from service.frontend.server import FrontendServer, uvicorn_config
+from service.observability.logs import configure_logging
+from service.observability.metrics import ServiceMetrics
+from service.processes import die_with_parent, leave_ctrl_c_to_the_supervisor
+
+log = logging.getLogger("resnet_serve")
+BACKLOG = 2048
+
+
+@dataclass
+class FrontendArgs:
+    settings: Settings  # `port` resolved; `max_buffered_bytes` this front-end's share
+    slot: int
+    socket_path: str
+    admission: SharedFd
+    arena_bytes: int
+    workers: int
+    parent_pid: int
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """One of the front-ends' sockets on the shared port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    sock.set_inheritable(False)
+    return sock
+
+
+def run_frontend(args: FrontendArgs) -> None:
+    """The spawn target."""
+    die_with_parent(args.parent_pid)
+    leave_ctrl_c_to_the_supervisor()
+    settings = args.settings
+    configure_logging(settings.log_level, settings.log_format)
+    admission = AdmissionCounts(args.admission, settings.max_queue_size)
+
+    def engine(metrics: ServiceMetrics) -> EngineClient:
+        return RemoteEngine(
+            settings, metrics, args.socket_path, admission, args.slot, args.arena_bytes
+        )
+
+    app = create_app(settings, engine=engine)
+    app.state.processes = {"workers": args.workers, "frontend_slot": args.slot}
+    sock = listening_socket(settings.host, settings.port)
+    server = FrontendServer(
+        uvicorn_config(app, settings),
+        app.state.runtime,
+        settings.shutdown_grace_s,
+        drain_deadline=lambda: admission.drain_deadline,
+    )
+    server.run(sockets=[sock])
+    raise SystemExit(server.exit_code)
