@@ -17,8 +17,8 @@ from PIL import Image, ImageFile, JpegImagePlugin
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from service import preprocess as preprocess_module
 from service.errors import ImageTooLarge, InvalidImage
+from service.images import preprocess as preprocess_module
 from service.images.preprocess import ImagePreprocessor, crop_box
 from service.model_package import Interpolation, PreprocessSpec
 from tests.support import png_claiming

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service import metrics as metrics_module
 from service.config import Settings
 from service.frontend.app import create_app
 from service.model_package import ModelPackage
+from service.observability import metrics as metrics_module
 from service.observability.gpu_metrics import GpuCollector
 from service.observability.metrics import (
     BATCH_OUTCOMES,

@@ -34,9 +34,9 @@ from loadtests.prometheus import (
     rule_queries,
     running_prometheus,
 )
-from service import metrics as metrics_module
 from service.config import Settings
 from service.frontend.app import create_app
+from service.observability import metrics as metrics_module
 from service.observability import tracing
 from tests.support import running_server
 

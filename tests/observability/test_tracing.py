@@ -16,10 +16,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from service import metrics as metrics_module
 from service.config import Settings
 from service.frontend.app import create_app
 from service.model_package import ModelPackage
+from service.observability import metrics as metrics_module
 from service.observability import tracing
 from service.observability.logs import RequestIdMiddleware
 from tests.support import FakeEngine, running_server
