@@ -162,15 +162,16 @@ def test_final_images_hold_no_torch_and_no_build_tools() -> None:
         assert sources == {build, "model"}, sources
         (install,) = [rest for i, rest in stages[build].instructions if i == "RUN"]
         assert "-c constraints.txt" in install, "dependencies from the lock file"
-        assert f'".[{target},grpc]"' in install  # the chart serves gRPC by default
+        # The chart serves gRPC by default; OTEL_* variables switch traces on (deploy/README).
+        assert f'".[{target},grpc,tracing]"' in install
         final = " ".join(rest for i, rest in stages[target].instructions if i == "RUN")
         assert not re.search(r"\b(gcc|g\+\+|build-essential|pip install)\b", final)
         assert stages[build].base.startswith(("python-base", "cuda-base"))
-    for name in ("cpu", "grpc"):
-        extra = re.search(rf"^{name} = \[(.*)\]$", pyproject, flags=re.MULTILINE)
-        assert extra is not None
-        assert "torch" not in extra[1]
-        assert "grpcio-tools" not in extra[1]  # a dev tool: the stubs are committed
+    extras = tomllib.loads(pyproject)["project"]["optional-dependencies"]
+    for name in ("cpu", "gpu", "grpc", "tracing"):
+        names = {canonicalize_name(r.name) for r in extra_requirements(extras, name)}
+        assert not {"torch", "torchvision"} & names, name
+        assert "grpcio-tools" not in names  # a dev tool: the stubs are committed
     cuda = stages["cuda-base"].base
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.\d\d", cuda), cuda
     assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", stages["python-base"].base)
