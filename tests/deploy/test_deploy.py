@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import http.server
 import json
+import math
 import os
 import re
 import shlex
@@ -410,7 +411,7 @@ def test_kserve_examples_match_their_crds_and_the_service(monkeypatch: pytest.Mo
             {
                 "name": "kserve-container",
                 "image": container["image"],
-                **{key: model[key] for key in ("env", "resources") if key in model},
+                **{key: model[key] for key in ("env", "resources", "lifecycle") if key in model},
             }
         ],
         [],
@@ -437,3 +438,34 @@ def test_kserve_examples_match_their_crds_and_the_service(monkeypatch: pytest.Mo
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(settings.port)
     if model["protocolVersion"] == "v2":  # the Open Inference Protocol's routes are served
         assert {"/v2/models/{model_name}/infer", "/v2/health/ready"} <= routes
+
+
+# Kubernetes' terminationGracePeriodSeconds when a pod spec sets none.
+KUBERNETES_DEFAULT_GRACE_S = 30
+
+
+def test_kserve_drain_follows_the_charts_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In RawDeployment mode the predictor's container (the runtime's, with the model's
+    fields merged over it, as KServe merges them) sleeps in preStop before SIGTERM, and the
+    pod's grace covers that sleep, the server's drain and the chart's margin
+    (helm/resnet-serve: drain.*). The runtime itself carries no lifecycle hook: Knative
+    refuses one."""
+    runtime = kserve("servingruntime.yaml")
+    service = kserve("inferenceservice.yaml")
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    (container,) = runtime["spec"]["containers"]
+    assert "lifecycle" not in container
+    predictor = service["spec"]["predictor"]
+    command = predictor["model"]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    sleep_s = int(command[1])
+    for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    for item in container["env"] + predictor["model"].get("env", []):  # the model's win
+        monkeypatch.setenv(item["name"], item["value"])
+    grace_s = Settings(**vars(build_parser().parse_args(container["args"]))).shutdown_grace_s
+    chart = yaml.safe_load((ROOT / "helm" / "resnet-serve" / "values.yaml").read_text())
+    assert sleep_s >= chart["drain"]["preStopSleepSeconds"]
+    pod_grace_s = predictor.get("terminationGracePeriodSeconds", KUBERNETES_DEFAULT_GRACE_S)
+    assert pod_grace_s >= sleep_s + math.ceil(grace_s) + chart["drain"]["extraSeconds"]
