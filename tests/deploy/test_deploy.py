@@ -29,10 +29,12 @@ from fastapi.testclient import TestClient
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from loadtests.cheap_package import write_cheap_package
 from service import healthcheck
 from service.cli import build_parser
 from service.config import ENV_PREFIX, Settings
 from service.frontend.app import create_app
+from tests.support import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -293,6 +295,32 @@ def test_image_healthcheck_follows_the_port_setting(
     server.shutdown()
     server.server_close()
     assert healthcheck.check(port, timeout_s=1) is False  # nothing listening
+
+
+@pytest.mark.parametrize("keys_from", ["env", "file"])
+def test_image_healthcheck_sends_a_key_when_probes_need_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys_from: str
+) -> None:
+    """RESNET_SERVE_API_KEY_FOR_PROBES: the real server answers /healthz 401 without a key,
+    and the image's HEALTHCHECK, reading the same settings, gets in with one of its keys."""
+    package = write_cheap_package(tmp_path / "cheap")
+    for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RESNET_SERVE_API_KEY_FOR_PROBES", "true")
+    if keys_from == "env":
+        monkeypatch.setenv("RESNET_SERVE_API_KEYS", "probe-key-1,probe-key-2")
+    else:
+        keys = tmp_path / "api-keys"
+        keys.write_text("# rotated 2026-12\nprobe-key-1\nprobe-key-2\n")
+        monkeypatch.setenv("RESNET_SERVE_API_KEYS_FILE", str(keys))
+    app = create_app(Settings(model_dir=package))
+    with running_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        assert healthcheck.check(port, timeout_s=5) is False  # 401 without the key
+        monkeypatch.setenv("RESNET_SERVE_PORT", str(port))
+        assert healthcheck.main() == 0
+        monkeypatch.setenv("RESNET_SERVE_API_KEY_FOR_PROBES", "false")
+        assert healthcheck.main() == 1  # the server still wants the key; this check sends none
 
 
 # ------------------------------------------------------------------------- offline docs
