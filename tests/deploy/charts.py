@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -17,6 +19,9 @@ from service.config import ENV_PREFIX, Settings
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "resnet-serve"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+CRDS = yaml.safe_load((Path(__file__).parent / "crd_subsets.yaml").read_text())
+# The oldest Kubernetes the chart documents (Chart.yaml kubeVersion) and the target.
+KUBE_VERSIONS = ("1.29.0", "1.33.0")
 
 
 def loaded_chart() -> Iterator[helm.Chart]:
@@ -75,3 +80,16 @@ def settings_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> S
             if field in Settings.model_fields:
                 monkeypatch.setenv(name, value)
     return Settings()
+
+
+def validate_objects(documents: list[dict[str, Any]]) -> None:
+    """Built-in objects with kubernetes-validate --strict for each Kubernetes version,
+    custom resources against their CRDs' fields (crd_subsets.yaml)."""
+    for document in documents:
+        if document["kind"] in CRDS:
+            crd = CRDS[document["kind"]]
+            assert document["apiVersion"] == crd["apiVersion"]
+            jsonschema.validate(document, crd["schema"])
+            continue
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(document, version, strict=True)

@@ -25,7 +25,9 @@ from service.frontend.app import create_app
 from service.observability.metrics import ServiceMetrics
 from tests.deploy.charts import (
     CHART,
+    CRDS,
     EXAMPLES,
+    KUBE_VERSIONS,
     ROOT,
     env_of,
     find,
@@ -33,11 +35,9 @@ from tests.deploy.charts import (
     render,
     server_container,
     settings_from_env,
+    validate_objects,
 )
 
-CRDS = yaml.safe_load((Path(__file__).parent / "crd_subsets.yaml").read_text())
-# The oldest Kubernetes the chart documents (Chart.yaml kubeVersion) and the target.
-KUBE_VERSIONS = ("1.29.0", "1.33.0")
 # Settings the chart sets from its own values rather than from `config:`.
 CHART_MANAGED = {
     "host": "always 0.0.0.0",
@@ -83,14 +83,7 @@ def test_rendered_objects_validate_against_kubernetes_and_crd_schemas(
 ) -> None:
     documents = render(chart, load_values(values_file) if values_file else None)
     assert {"Deployment", "Service", "ServiceAccount"} <= {d["kind"] for d in documents}
-    for document in documents:
-        if document["kind"] in CRDS:
-            crd = CRDS[document["kind"]]
-            assert document["apiVersion"] == crd["apiVersion"]
-            jsonschema.validate(document, crd["schema"])
-            continue
-        for version in KUBE_VERSIONS:
-            kubernetes_validate.validate(document, version, strict=True)
+    validate_objects(documents)
 
 
 def test_validation_catches_what_it_should(chart: helm.Chart) -> None:
@@ -275,7 +268,9 @@ def test_defaults_are_secure_and_bounded(chart: helm.Chart) -> None:
     env = env_of(container)
     assert not {"RESNET_SERVE_INTRA_OP_THREADS", "RESNET_SERVE_DECODE_WORKERS"} & set(env)
     assert container["image"].endswith(":0.1.0-cpu")
-    assert find(documents, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    # One replica: no PodDisruptionBudget, which could only let a drain take the pod, or
+    # block the drain (test_chart_cluster.py has the cases that get one).
+    assert "PodDisruptionBudget" not in {d["kind"] for d in documents}
     spread = pod["topologySpreadConstraints"][0]
     assert (
         spread["labelSelector"]["matchLabels"]
@@ -374,9 +369,17 @@ def test_monitoring_objects_embed_the_deploy_files(chart: helm.Chart) -> None:
     # The job label is the same as in the compose stack's scrape config.
     compose_prometheus = ROOT / "deploy" / "compose" / "prometheus.yaml"
     (job,) = yaml.safe_load(compose_prometheus.read_text())["scrape_configs"]
-    for kind in ("ServiceMonitor", "PodMonitor"):
-        label = find(documents, kind)["spec"]["jobLabel"]
-        assert find(documents, "Service")["metadata"]["labels"][label] == job["job_name"]
+    pod_monitored = load_values(CHART / "examples" / "monitoring-values.yaml")
+    pod_monitored["metrics"] |= {
+        "serviceMonitor": {"enabled": False},
+        "podMonitor": {"enabled": True},
+    }
+    for kind, rendered in [
+        ("ServiceMonitor", documents),
+        ("PodMonitor", render(chart, pod_monitored)),
+    ]:
+        label = find(rendered, kind)["spec"]["jobLabel"]
+        assert find(rendered, "Service")["metadata"]["labels"][label] == job["job_name"]
     service_ports = {p["name"] for p in find(documents, "Service")["spec"]["ports"]}
     assert service_ports == {"http", "grpc", "metrics"}
     env = env_of(server_container(documents))
