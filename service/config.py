@@ -217,7 +217,7 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="serve /metrics on this port (same host) instead of the main one, so it "
-        "can stay off the Ingress; default: on the main port",
+        "can stay off the Ingress; not the main or the gRPC port; default: on the main port",
     )
 
     def thread_plan(self, gpu: bool = False) -> ThreadPlan:
