@@ -6,7 +6,9 @@
 # The model package: MODEL_SOURCE=export (default) bakes /models/$MODEL_NAME in at build time
 # with resnet-export (build args ARCH, WEIGHTS, PRECISION); MODEL_SOURCE=none leaves /models
 # empty for a volume, a PVC or an init container. Every Python dependency comes from
-# constraints.txt; the final stages hold no compiler, no pip cache and no torch.
+# constraints.txt; the final stages hold no compiler, no pip cache and no torch. The servers
+# install the `grpc` extra (the chart serves gRPC by default) and `tracing` (OpenTelemetry,
+# imported only when OTEL_* variables switch traces on; deploy/README.md, "Turn tracing on").
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
@@ -31,7 +33,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY model_export/ model_export/
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c constraints.txt ".[cpu,grpc]"
+    && /opt/venv/bin/pip install -c constraints.txt ".[cpu,grpc,tracing]"
 
 # ---------------------------------------------------------------- export (resnet-export, CPU torch)
 FROM python-base AS export
@@ -116,7 +118,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY model_export/ model_export/
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c constraints.txt ".[gpu,grpc]"
+    && /opt/venv/bin/pip install -c constraints.txt ".[gpu,grpc,tracing]"
 
 # ---------------------------------------------------------------- gpu: the GPU server image
 FROM cuda-base AS gpu

@@ -145,9 +145,13 @@ class Prometheus:
         self.http.close()
 
 
-def scrape_config(targets: list[str], interval_s: float, rules: Path = RULES) -> dict[str, Any]:
-    """deploy/prometheus/prometheus.yml with our targets, a short interval and the rules."""
-    config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+def scrape_config(
+    targets: list[str], interval_s: float, rules: Path = RULES, source: Path = SCRAPE_CONFIG
+) -> dict[str, Any]:
+    """A scrape config of the project's (deploy/prometheus/prometheus.yml unless `source`
+    names another, e.g. the compose stack's) with our targets, a short interval and the
+    rules."""
+    config = yaml.safe_load(source.read_text())
     config["global"]["scrape_interval"] = f"{interval_s:g}s"
     config["global"]["evaluation_interval"] = f"{interval_s:g}s"
     config["rule_files"] = [str(rules)]
@@ -162,17 +166,21 @@ def prometheus_binary() -> str | None:
 
 @contextmanager
 def running_prometheus(
-    targets: list[str], interval_s: float = 1.0, timeout_s: float = 30.0
+    targets: list[str],
+    interval_s: float = 1.0,
+    timeout_s: float = 30.0,
+    source: Path = SCRAPE_CONFIG,
 ) -> Iterator[Prometheus]:
     """Prometheus on a free 127.0.0.1 port with a temporary TSDB, scraping `targets`
-    (host:port) every `interval_s` with the project's rules loaded; stopped on exit."""
+    (host:port) every `interval_s` with the project's rules loaded and the `resnet-serve`
+    job of `source`; stopped on exit."""
     binary = prometheus_binary()
     if binary is None:
         raise FileNotFoundError("prometheus is not on PATH (scripts/install-prometheus.sh)")
     with tempfile.TemporaryDirectory(prefix="resnet-prometheus-") as tmp:
         directory = Path(tmp)
         config_path = directory / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(scrape_config(targets, interval_s)))
+        config_path.write_text(yaml.safe_dump(scrape_config(targets, interval_s, source=source)))
         port = free_port()
         log_path = directory / "prometheus.log"
         command = [

@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="serve /metrics on this port (same host) instead of the main one, so it "
-        "can stay off the Ingress; default: on the main port",
+        "can stay off the Ingress; not the main or the gRPC port; default: on the main port",
     )
 
     def thread_plan(self, gpu: bool = False) -> ThreadPlan:
@@ -276,4 +276,21 @@ class Settings(BaseSettings):
                 f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
                 f"max_body_bytes ({self.max_body_bytes})"
             )
+        self._check_ports_differ()
         return self
+
+    def _check_ports_differ(self) -> None:
+        """Each listener on a port of its own: two on one port would fail to bind, or (with
+        SO_REUSEPORT) share it and answer each other's clients. 0 is never a clash: a free
+        port for `port` and `metrics_port`, off for `grpc_port`."""
+        taken: dict[int, str] = {}
+        for name in ("port", "grpc_port", "metrics_port"):
+            number = getattr(self, name)
+            if not number:
+                continue
+            if number in taken:
+                raise ValueError(
+                    f"{name} ({number}) is the same port as {taken[number]}: each listener "
+                    "needs a port of its own"
+                )
+            taken[number] = name

@@ -32,7 +32,8 @@ class KeyFileError(Exception):
     """The API key file cannot be read, or holds no key."""
 
 
-def _read_key_file(path: Path) -> list[bytes]:
+def read_key_file(path: Path) -> list[bytes]:
+    """The keys of a keys file: one a line, blank lines and `#` comments skipped."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -55,7 +56,7 @@ class ApiKeys:
         self._file_keys: list[bytes] = []
         self._file_stamp: tuple[int, int, int] | None = None
         if path is not None:
-            self._file_keys = _read_key_file(path)
+            self._file_keys = read_key_file(path)
             self._file_stamp = self._stamp()
 
     @property
@@ -78,7 +79,7 @@ class ApiKeys:
             return
         self._file_stamp = stamp
         try:
-            self._file_keys = _read_key_file(self._path)
+            self._file_keys = read_key_file(self._path)
         except KeyFileError as exc:
             log.error("%s; keeping the %d key(s) read before", exc, len(self._file_keys))
             return

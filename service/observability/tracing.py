@@ -187,21 +187,28 @@ def instrument(
     """Trace `app` when the environment asks for it (or when a test passes `exporter`, which
     then receives every span synchronously); returns None, having imported nothing, when
     tracing is off. Call before the app serves its first request. A tracing setting the
-    service cannot honour is logged as an error and leaves tracing off: traces are never
-    worth refusing to serve."""
+    service cannot honour (an unknown exporter or protocol, or the `tracing` extra not
+    installed) is logged as one warning and leaves tracing off: traces are never worth
+    refusing to serve."""
     if exporter is None and not enabled(env):
         return None
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    try:
+        # The SDK, the exporter and the instrumentation come with the `tracing` extra; an
+        # install without it (a slim image) must still serve, untraced.
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-    if exporter is not None:
-        provider = _provider(version, [exporter], batch=False, env=env)
-    else:
-        try:
-            exporters = _exporters(env)
-        except (ValueError, ImportError) as exc:
-            log.error("tracing stays OFF: %s", exc)
-            return None
-        provider = _provider(version, exporters, batch=True, env=env)
+        exporters = [exporter] if exporter is not None else _exporters(env)
+        provider = _provider(version, exporters, batch=exporter is None, env=env)
+    except ImportError as exc:
+        log.warning(
+            "tracing stays OFF: %s (the OTEL_* variables ask for traces; install "
+            "resnet-serve[tracing] to send them)",
+            exc,
+        )
+        return None
+    except ValueError as exc:
+        log.warning("tracing stays OFF: %s", exc)
+        return None
     tracing = Tracing(provider)
     FastAPIInstrumentor.instrument_app(
         app,

@@ -7,7 +7,6 @@ own settings, routes and metrics."""
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -24,13 +23,21 @@ import yaml
 from service.config import ENV_PREFIX, Settings
 from service.frontend.app import create_app
 from service.observability.metrics import ServiceMetrics
+from tests.deploy.charts import (
+    CHART,
+    CRDS,
+    EXAMPLES,
+    KUBE_VERSIONS,
+    ROOT,
+    env_of,
+    find,
+    load_values,
+    render,
+    server_container,
+    settings_from_env,
+    validate_objects,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "resnet-serve"
-EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
-CRDS = yaml.safe_load((Path(__file__).parent / "crd_subsets.yaml").read_text())
-# The oldest Kubernetes the chart documents (Chart.yaml kubeVersion) and the target.
-KUBE_VERSIONS = ("1.29.0", "1.33.0")
 # Settings the chart sets from its own values rather than from `config:`.
 CHART_MANAGED = {
     "host": "always 0.0.0.0",
@@ -46,57 +53,6 @@ CHART_MANAGED = {
 def camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.capitalize() if part != "s" else "S" for part in rest)
-
-
-@pytest.fixture(scope="module")
-def chart() -> Iterator[helm.Chart]:
-    helm.disable_logging()
-    with helm.Chart.load(CHART) as loaded:
-        yield loaded
-
-
-def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    manifests = chart.render(values or {}, name="demo", namespace="ml", is_install=True)
-    return [
-        document
-        for path, text in sorted(manifests.items())
-        if not path.endswith("NOTES.txt")
-        for document in yaml.safe_load_all(text)
-        if document
-    ]
-
-
-def load_values(path: Path) -> dict[str, Any]:
-    values: dict[str, Any] = yaml.safe_load(path.read_text())
-    return values
-
-
-def find(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    matches = [document for document in documents if document["kind"] == kind]
-    assert len(matches) == 1, f"{len(matches)} {kind} objects"
-    return matches[0]
-
-
-def server_container(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    pod = find(documents, "Deployment")["spec"]["template"]["spec"]
-    (container,) = [c for c in pod["containers"] if c["name"] == "server"]
-    return dict(container)
-
-
-def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
-
-
-def settings_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The service's own parser on the chart's environment (names it lacks yet skipped)."""
-    for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        if name.startswith(ENV_PREFIX):
-            field = name.removeprefix(ENV_PREFIX).lower()
-            if field in Settings.model_fields:
-                monkeypatch.setenv(name, value)
-    return Settings()
 
 
 # --------------------------------------------------------------------------- render, lint
@@ -127,14 +83,7 @@ def test_rendered_objects_validate_against_kubernetes_and_crd_schemas(
 ) -> None:
     documents = render(chart, load_values(values_file) if values_file else None)
     assert {"Deployment", "Service", "ServiceAccount"} <= {d["kind"] for d in documents}
-    for document in documents:
-        if document["kind"] in CRDS:
-            crd = CRDS[document["kind"]]
-            assert document["apiVersion"] == crd["apiVersion"]
-            jsonschema.validate(document, crd["schema"])
-            continue
-        for version in KUBE_VERSIONS:
-            kubernetes_validate.validate(document, version, strict=True)
+    validate_objects(documents)
 
 
 def test_validation_catches_what_it_should(chart: helm.Chart) -> None:
@@ -319,7 +268,9 @@ def test_defaults_are_secure_and_bounded(chart: helm.Chart) -> None:
     env = env_of(container)
     assert not {"RESNET_SERVE_INTRA_OP_THREADS", "RESNET_SERVE_DECODE_WORKERS"} & set(env)
     assert container["image"].endswith(":0.1.0-cpu")
-    assert find(documents, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    # One replica: no PodDisruptionBudget, which could only let a drain take the pod, or
+    # block the drain (test_chart_cluster.py has the cases that get one).
+    assert "PodDisruptionBudget" not in {d["kind"] for d in documents}
     spread = pod["topologySpreadConstraints"][0]
     assert (
         spread["labelSelector"]["matchLabels"]
@@ -418,9 +369,17 @@ def test_monitoring_objects_embed_the_deploy_files(chart: helm.Chart) -> None:
     # The job label is the same as in the compose stack's scrape config.
     compose_prometheus = ROOT / "deploy" / "compose" / "prometheus.yaml"
     (job,) = yaml.safe_load(compose_prometheus.read_text())["scrape_configs"]
-    for kind in ("ServiceMonitor", "PodMonitor"):
-        label = find(documents, kind)["spec"]["jobLabel"]
-        assert find(documents, "Service")["metadata"]["labels"][label] == job["job_name"]
+    pod_monitored = load_values(CHART / "examples" / "monitoring-values.yaml")
+    pod_monitored["metrics"] |= {
+        "serviceMonitor": {"enabled": False},
+        "podMonitor": {"enabled": True},
+    }
+    for kind, rendered in [
+        ("ServiceMonitor", documents),
+        ("PodMonitor", render(chart, pod_monitored)),
+    ]:
+        label = find(rendered, kind)["spec"]["jobLabel"]
+        assert find(rendered, "Service")["metadata"]["labels"][label] == job["job_name"]
     service_ports = {p["name"] for p in find(documents, "Service")["spec"]["ports"]}
     assert service_ports == {"http", "grpc", "metrics"}
     env = env_of(server_container(documents))

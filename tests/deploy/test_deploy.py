@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import http.server
 import json
+import math
 import os
 import re
 import shlex
@@ -28,10 +29,12 @@ from fastapi.testclient import TestClient
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from loadtests.cheap_package import write_cheap_package
 from service import healthcheck
 from service.cli import build_parser
 from service.config import ENV_PREFIX, Settings
 from service.frontend.app import create_app
+from tests.support import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -162,15 +165,16 @@ def test_final_images_hold_no_torch_and_no_build_tools() -> None:
         assert sources == {build, "model"}, sources
         (install,) = [rest for i, rest in stages[build].instructions if i == "RUN"]
         assert "-c constraints.txt" in install, "dependencies from the lock file"
-        assert f'".[{target},grpc]"' in install  # the chart serves gRPC by default
+        # The chart serves gRPC by default; OTEL_* variables switch traces on (deploy/README).
+        assert f'".[{target},grpc,tracing]"' in install
         final = " ".join(rest for i, rest in stages[target].instructions if i == "RUN")
         assert not re.search(r"\b(gcc|g\+\+|build-essential|pip install)\b", final)
         assert stages[build].base.startswith(("python-base", "cuda-base"))
-    for name in ("cpu", "grpc"):
-        extra = re.search(rf"^{name} = \[(.*)\]$", pyproject, flags=re.MULTILINE)
-        assert extra is not None
-        assert "torch" not in extra[1]
-        assert "grpcio-tools" not in extra[1]  # a dev tool: the stubs are committed
+    extras = tomllib.loads(pyproject)["project"]["optional-dependencies"]
+    for name in ("cpu", "gpu", "grpc", "tracing"):
+        names = {canonicalize_name(r.name) for r in extra_requirements(extras, name)}
+        assert not {"torch", "torchvision"} & names, name
+        assert "grpcio-tools" not in names  # a dev tool: the stubs are committed
     cuda = stages["cuda-base"].base
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.\d\d", cuda), cuda
     assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", stages["python-base"].base)
@@ -293,6 +297,32 @@ def test_image_healthcheck_follows_the_port_setting(
     assert healthcheck.check(port, timeout_s=1) is False  # nothing listening
 
 
+@pytest.mark.parametrize("keys_from", ["env", "file"])
+def test_image_healthcheck_sends_a_key_when_probes_need_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys_from: str
+) -> None:
+    """RESNET_SERVE_API_KEY_FOR_PROBES: the real server answers /healthz 401 without a key,
+    and the image's HEALTHCHECK, reading the same settings, gets in with one of its keys."""
+    package = write_cheap_package(tmp_path / "cheap")
+    for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RESNET_SERVE_API_KEY_FOR_PROBES", "true")
+    if keys_from == "env":
+        monkeypatch.setenv("RESNET_SERVE_API_KEYS", "probe-key-1,probe-key-2")
+    else:
+        keys = tmp_path / "api-keys"
+        keys.write_text("# rotated 2026-12\nprobe-key-1\nprobe-key-2\n")
+        monkeypatch.setenv("RESNET_SERVE_API_KEYS_FILE", str(keys))
+    app = create_app(Settings(model_dir=package))
+    with running_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        assert healthcheck.check(port, timeout_s=5) is False  # 401 without the key
+        monkeypatch.setenv("RESNET_SERVE_PORT", str(port))
+        assert healthcheck.main() == 0
+        monkeypatch.setenv("RESNET_SERVE_API_KEY_FOR_PROBES", "false")
+        assert healthcheck.main() == 1  # the server still wants the key; this check sends none
+
+
 # ------------------------------------------------------------------------- offline docs
 
 
@@ -335,6 +365,19 @@ def test_compose_mounts_existing_files() -> None:
     assert (DEPLOY / build["context"] / "Dockerfile").is_file()
     assert build["target"] in parse_dockerfile()
     assert set(build["args"]) <= set(parse_dockerfile()["model-export"].args)
+
+
+def test_compose_builds_only_what_a_laptop_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick start's image build exports FP32 alone (1.5 GB peak RSS measured here;
+    INT8's calibration took 9.0 GB, more than a laptop's Docker VM may have), and serves
+    what it built."""
+    service = compose()["services"]["resnet-serve"]
+    assert service["build"]["args"]["PRECISION"] == "fp32"
+    for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    for name, value in service["environment"].items():
+        monkeypatch.setenv(name, str(value))
+    assert Settings().precision.value == service["build"]["args"]["PRECISION"]
 
 
 def test_compose_service_env_and_ports_match_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -409,7 +452,7 @@ def test_kserve_examples_match_their_crds_and_the_service(monkeypatch: pytest.Mo
             {
                 "name": "kserve-container",
                 "image": container["image"],
-                **{key: model[key] for key in ("env", "resources") if key in model},
+                **{key: model[key] for key in ("env", "resources", "lifecycle") if key in model},
             }
         ],
         [],
@@ -436,3 +479,34 @@ def test_kserve_examples_match_their_crds_and_the_service(monkeypatch: pytest.Mo
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(settings.port)
     if model["protocolVersion"] == "v2":  # the Open Inference Protocol's routes are served
         assert {"/v2/models/{model_name}/infer", "/v2/health/ready"} <= routes
+
+
+# Kubernetes' terminationGracePeriodSeconds when a pod spec sets none.
+KUBERNETES_DEFAULT_GRACE_S = 30
+
+
+def test_kserve_drain_follows_the_charts_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In RawDeployment mode the predictor's container (the runtime's, with the model's
+    fields merged over it, as KServe merges them) sleeps in preStop before SIGTERM, and the
+    pod's grace covers that sleep, the server's drain and the chart's margin
+    (helm/resnet-serve: drain.*). The runtime itself carries no lifecycle hook: Knative
+    refuses one."""
+    runtime = kserve("servingruntime.yaml")
+    service = kserve("inferenceservice.yaml")
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    (container,) = runtime["spec"]["containers"]
+    assert "lifecycle" not in container
+    predictor = service["spec"]["predictor"]
+    command = predictor["model"]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    sleep_s = int(command[1])
+    for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    for item in container["env"] + predictor["model"].get("env", []):  # the model's win
+        monkeypatch.setenv(item["name"], item["value"])
+    grace_s = Settings(**vars(build_parser().parse_args(container["args"]))).shutdown_grace_s
+    chart = yaml.safe_load((ROOT / "helm" / "resnet-serve" / "values.yaml").read_text())
+    assert sleep_s >= chart["drain"]["preStopSleepSeconds"]
+    pod_grace_s = predictor.get("terminationGracePeriodSeconds", KUBERNETES_DEFAULT_GRACE_S)
+    assert pod_grace_s >= sleep_s + math.ceil(grace_s) + chart["drain"]["extraSeconds"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from loadtests.prometheus import (
     DASHBOARD,
@@ -40,6 +41,7 @@ from service.observability import metrics as metrics_module
 from service.observability import tracing
 from tests.support import running_server
 
+ROOT = Path(__file__).resolve().parents[2]
 GPU_METRICS = ("resnet_gpu_",)
 TRAFFIC_S = 6.0  # seconds of steady concurrent load
 
@@ -92,6 +94,25 @@ def test_promtool_checks_the_scrape_config(promtool: str) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_scrape_config_labels_each_replica_by_pod() -> None:
+    """The compose stack's Prometheus job, run by a real Prometheus against a live target:
+    its series carry `job` and the `pod` label the dashboard and the rules group by."""
+    _require("prometheus")
+    registry = CollectorRegistry()
+    Gauge("resnet_ready", "1 when ready", registry=registry).set(1)
+    server, thread = start_http_server(0, "127.0.0.1", registry)
+    target = f"127.0.0.1:{server.server_address[1]}"
+    compose = ROOT / "deploy" / "compose" / "prometheus.yaml"
+    try:
+        with running_prometheus([target], interval_s=1.0, source=compose) as prometheus:
+            (sample,) = prometheus.wait_until(f'resnet_ready{{job="{JOB}"}}', timeout_s=15)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert sample["metric"]["pod"] == target
 
 
 @dataclass

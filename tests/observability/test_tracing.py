@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from loadtests.server import free_port, running_process
 from service.config import Settings
 from service.frontend.app import create_app
 from service.model_package import ModelPackage
@@ -87,11 +88,78 @@ def test_an_unsupported_exporter_is_logged_and_tracing_stays_off(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = create_app(Settings(model_dir=resnet18_package))
-    with caplog.at_level(logging.ERROR, logger="resnet_serve"):
+    with caplog.at_level(logging.WARNING, logger="resnet_serve"):
         assert tracing.instrument(app, env=env) is None
     assert message in caplog.text
-    assert "tracing stays OFF" in caplog.text
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "tracing stays OFF" in record.getMessage()
     assert [m.cls for m in app.user_middleware] == [RequestIdMiddleware]
+
+
+# What `.[tracing]` adds to an install (the OpenTelemetry API comes with FastAPI itself).
+TRACING_EXTRA_MODULES = (
+    "opentelemetry.sdk",
+    "opentelemetry.exporter",
+    "opentelemetry.instrumentation",
+)
+BLOCK_TRACING_EXTRA = f"""
+import importlib.abc
+import sys
+
+
+class BlockTracingExtra(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith({TRACING_EXTRA_MODULES!r}):
+            raise ModuleNotFoundError(f"No module named {{fullname!r}}", name=fullname)
+        return None
+
+
+sys.meta_path.insert(0, BlockTracingExtra())
+"""
+
+
+def test_tracing_asked_for_without_the_extra_warns_once_and_serves(
+    resnet18_package: Path,
+    photo_jpegs: dict[str, bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An image without the `tracing` extra, started with the OTLP endpoint set (as
+    deploy/README's "Turn tracing on" says): the real `resnet-serve` command logs one
+    warning and serves, untraced, instead of crash-looping on ModuleNotFoundError."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TRACING_EXTRA)
+    for name in [name for name in os.environ if name.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "resnet-serve"),
+        "--model-dir", str(resnet18_package),
+        "--port", str(port),
+        "--warmup-batch-sizes", "1",
+    ]  # fmt: skip
+    log_path = tmp_path / "server.log"
+    with running_process(command, port, log_path, timeout_s=120):  # SIGTERM on the way out
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/predict",
+            content=next(iter(photo_jpegs.values())),
+            headers={"content-type": "image/jpeg"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+    output = log_path.read_text()
+    assert "drained" in output, output  # a clean shutdown, not a crash
+    mentions = [line for line in output.splitlines() if "tracing" in line.lower()]
+    assert len(mentions) == 1, output
+    (warning,) = mentions
+    assert "WARNING" in warning
+    assert "tracing stays OFF" in warning
+    assert "No module named 'opentelemetry.instrumentation" in warning
+    assert "resnet-serve[tracing]" in warning
+    assert "Traceback" not in output
 
 
 @pytest.fixture

@@ -305,6 +305,10 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--max-batch-size", "0"], {}, "max_batch_size"),
         ([], {"RESNET_SERVE_MAX_QUEUE_SIZE": "lots"}, "max_queue_size"),
         (["--warmup-batch-sizes", "64"], {}, "warmup_batch_sizes"),
+        # deploy/README once suggested --metrics-port 8001, the chart's gRPC port.
+        (["--grpc-port", "8001", "--metrics-port", "8001"], {}, "metrics_port (8001) is the same"),
+        (["--port", "9000"], {"RESNET_SERVE_GRPC_PORT": "9000"}, "grpc_port (9000) is the same"),
+        (["--metrics-port", "8000"], {}, "metrics_port (8000) is the same port as port"),
         (["--model-dir", "/nonexistent/model"], {}, "manifest.json is missing"),
     ],
 )

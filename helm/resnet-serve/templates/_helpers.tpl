@@ -102,3 +102,30 @@ without an exponent (YAML numbers reach templates as float64: 67108864 would pri
 {{- define "resnet-serve.metricsPortName" -}}
 {{- ternary "metrics" "http" (gt (int .Values.metrics.port) 0) }}
 {{- end }}
+
+{{/* The variant the image serves when config.precision is null (the Dockerfile's ENV). */}}
+{{- define "resnet-serve.imagePrecision" -}}
+{{- ternary "fp16" "int8" .Values.gpu.enabled }}
+{{- end }}
+
+{{/* The variant the export init container builds beside fp32: the image's unless set. */}}
+{{- define "resnet-serve.exportPrecision" -}}
+{{- default (include "resnet-serve.imagePrecision" .) .Values.model.export.precision }}
+{{- end }}
+
+{{/* Whether the export init container passes --arch: not with --hf-dir (config.json names
+the architecture, and resnet-export refuses both), nor when model.export.arch is empty. */}}
+{{- define "resnet-serve.exportPassesArch" -}}
+{{- $hf := false }}
+{{- range .Values.model.export.sourceArgs }}
+{{- if or (eq . "--hf-dir") (hasPrefix "--hf-dir=" .) }}{{ $hf = true }}{{ end }}
+{{- end }}
+{{- if and .Values.model.export.arch (not $hf) }}true{{ end }}
+{{- end }}
+
+{{/* A PodDisruptionBudget protects only where more than one pod can run. */}}
+{{- define "resnet-serve.pdbUseful" -}}
+{{- if .Values.autoscaling.enabled }}
+{{- if gt (int .Values.autoscaling.maxReplicas) 1 }}true{{ end }}
+{{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
