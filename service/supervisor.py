@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from service.channel.admission import MAX_FRONTENDS, AdmissionCounts
-from service.channel.arena import ShmUnavailable, arena_bytes, check_room
+from service.channel.arena import ShmUnavailable, check_room, shm_needed
 from service.channel.client import output_bytes
 from service.config import Settings
 from service.cpus import cpu_limit
@@ -76,17 +76,10 @@ class Supervisor:
         package = ModelPackage.load(settings.model_dir)
         manifest = package.manifest
         crop = manifest.preprocessing.crop
-        arena = arena_bytes(
-            settings.max_queue_size,
-            settings.max_batch_size,
-            settings.max_buffered_bytes,
-            settings.max_body_bytes,
-            self.workers,
-            crop * crop * 3,
-            output_bytes(ALL_OUTPUTS, manifest.num_classes, manifest.embedding_dim),
-        )
+        outputs = output_bytes(ALL_OUTPUTS, manifest.num_classes, manifest.embedding_dim)
+        arena, needed = shm_needed(settings, self.workers, crop * crop * 3, outputs)
         try:
-            check_room(self.workers * arena + 4096)
+            check_room(needed)
         except ShmUnavailable as exc:
             raise SupervisorError(str(exc)) from exc
         self._arena_bytes = arena

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.config import Settings
+
 SHM_DIR = Path("/dev/shm")
 ALIGN = 64  # cache-line aligned blocks: numpy views and memcpy at full speed
 
@@ -189,3 +191,19 @@ def arena_bytes(
     images = max_queue_size + SIZING_BATCHES_IN_FLIGHT * max_batch_size
     share = max(max_buffered_bytes // max(workers, 1), max_body_bytes)
     return _aligned(images * (_aligned(image_bytes) + _aligned(output_bytes)) + share)
+
+
+def shm_needed(
+    settings: Settings, workers: int, image_bytes: int, output_bytes: int
+) -> tuple[int, int]:
+    """(bytes of one front-end's arena, bytes of /dev/shm the server needs in all)."""
+    arena = arena_bytes(
+        settings.max_queue_size,
+        settings.max_batch_size,
+        settings.max_buffered_bytes,
+        settings.max_body_bytes,
+        workers,
+        image_bytes,
+        output_bytes,
+    )
+    return arena, workers * arena + mmap.PAGESIZE  # + the admission counts' page

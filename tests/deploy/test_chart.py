@@ -20,7 +20,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.channel.arena import shm_needed
 from service.config import ENV_PREFIX, Settings
+from service.cpus import CpuLimit, auto_workers
 from service.frontend.app import create_app
 from service.observability.metrics import ServiceMetrics
 from tests.deploy.charts import (
@@ -464,3 +466,37 @@ def test_kubernetes_validate_command_line_on_the_gpu_render(
         check=False,
     )
     assert result.returncode != 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"workers": 3},
+        {"workers": 2, "maxQueueSize": 1024, "maxBatchSize": 32},
+        {"maxBufferedBytes": 64 * 2**20, "maxBodyBytes": 8 * 2**20},
+    ],
+)
+def test_dev_shm_is_memory_sized_as_the_server_checks(
+    chart: helm.Chart, config: dict[str, int]
+) -> None:
+    """The chart's /dev/shm holds what the server needs (service/channel/arena.py), with
+    no more than 2 MiB to spare; an explicit sizeLimit wins."""
+    documents = render(chart, {"config": config})
+    pod = find(documents, "Deployment")["spec"]["template"]["spec"]
+    (shm,) = [volume for volume in pod["volumes"] if volume["name"] == "shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    mounts = {
+        mount["name"]: mount["mountPath"] for mount in server_container(documents)["volumeMounts"]
+    }
+    assert mounts["shm"] == "/dev/shm"
+    limit = int(shm["emptyDir"]["sizeLimit"].removesuffix("Mi")) * 2**20
+    snake = {camel(name): name for name in Settings.model_fields}
+    settings = Settings(**{snake[key]: value for key, value in config.items()})
+    workers = config.get("workers", auto_workers(CpuLimit(2.0, "chart", 2.0)))  # limits.cpu 2
+    _arena, needed = shm_needed(settings, workers, 224 * 224 * 3, 4 * (1000 + 2048))
+    assert needed <= limit <= needed + 2 * 2**20
+    explicit = render(chart, {"shm": {"sizeLimit": "3Gi"}})
+    pod = find(explicit, "Deployment")["spec"]["template"]["spec"]
+    (shm,) = [volume for volume in pod["volumes"] if volume["name"] == "shm"]
+    assert shm["emptyDir"]["sizeLimit"] == "3Gi"

@@ -129,3 +129,40 @@ the architecture, and resnet-export refuses both), nor when model.export.arch is
 {{- if gt (int .Values.autoscaling.maxReplicas) 1 }}true{{ end }}
 {{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
 {{- end }}
+
+{{/* Front-end processes: config.workers, else the service's own rule (one per 4 CPUs of
+the CPU limit, 1 to 8; service/cpus.py auto_workers). */}}
+{{- define "resnet-serve.workers" -}}
+{{- if not (kindIs "invalid" .Values.config.workers) }}
+{{- int .Values.config.workers }}
+{{- else }}
+{{- $cpu := toString (dig "limits" "cpu" "1" .Values.resources) }}
+{{- $cpus := 1 }}
+{{- if hasSuffix "m" $cpu }}
+{{- $cpus = div (int (trimSuffix "m" $cpu)) 1000 }}
+{{- else }}
+{{- $cpus = int (floor (float64 $cpu)) }}
+{{- end }}
+{{- max 1 (min 8 (div $cpus 4)) }}
+{{- end }}
+{{- end }}
+
+{{/* /dev/shm for the front-ends' arenas, in MiB, as the server computes the room it
+checks at start (service/channel/arena.py arena_bytes): per front-end, every image the
+server admits at once (queue + 4 batches) as pixels with their outputs, plus its share of
+maxBufferedBytes (at least one body), each block 64-byte aligned; 1 MiB spare. */}}
+{{- define "resnet-serve.shmMiB" -}}
+{{- $c := .Values.config }}
+{{- $queue := int64 (default 256 $c.maxQueueSize) }}
+{{- $batch := int64 (default 8 $c.maxBatchSize) }}
+{{- $buffered := int64 (default 268435456 $c.maxBufferedBytes) }}
+{{- $body := int64 (default 67108864 $c.maxBodyBytes) }}
+{{- $workers := int64 (include "resnet-serve.workers" .) }}
+{{- $image := mul (div (add (int64 .Values.shm.imageBytes) 63) 64) 64 }}
+{{- $outputs := mul (div (add (int64 .Values.shm.outputBytes) 63) 64) 64 }}
+{{- $perImage := add $image $outputs }}
+{{- $images := add $queue (mul 4 $batch) }}
+{{- $share := max (div $buffered (max $workers 1)) $body }}
+{{- $total := mul (max $workers 1) (add (mul $images $perImage) $share 64) }}
+{{- add (div (add $total 1048575) 1048576) 1 }}
+{{- end }}
