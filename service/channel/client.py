@@ -145,6 +145,7 @@ class RemoteEngine:
         self._in_flight: dict[int, _InFlight] = {}
         self._waiters = _Waiters()
         self.frontends_connected = 0
+        self.engine_pid: int | None = None
         self.on_gone: Callable[[], None] | None = None  # told once the engine has gone
 
     # ------------------------------------------------------------ EngineClient
@@ -366,6 +367,7 @@ class RemoteEngine:
     def _on_status(self, message: wire.EngineStatus) -> None:
         self._info = message.info if message.info is not None else self._info
         self.frontends_connected = message.frontends
+        self.engine_pid = message.pid
         state = EngineState(message.state)
         if state is not self._state:
             log.info("engine: %s", state)

@@ -126,7 +126,9 @@ class EngineServer:
         return state
 
     def status(self) -> wire.EngineStatus:
-        return wire.EngineStatus(str(self.state), self.core.info, len(self.connections))
+        return wire.EngineStatus(
+            str(self.state), self.core.info, len(self.connections), os.getpid()
+        )
 
     def broadcast_status(self) -> None:
         status = self.status()

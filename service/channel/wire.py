@@ -102,6 +102,7 @@ class EngineStatus(msgspec.Struct, tag=True, frozen=True):
     state: str  # EngineState
     info: EngineInfo | None = None
     frontends: int = 0  # front-ends connected when this was sent
+    pid: int = 0  # the engine process
 
 
 class Result(msgspec.Struct, tag=True, frozen=True):

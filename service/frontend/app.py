@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -82,6 +83,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.metrics = metrics
     app.state.grpc_port = None  # the bound port, once the gRPC server listens
+    app.state.processes = {"workers": 0, "frontend_pid": os.getpid(), "engine": "this process"}
     app.state.tracing = tracing.instrument(app, service_version())  # None when tracing is off
     app.include_router(RestApi(runtime, settings, metrics, requests).router())
     app.include_router(V2HttpApi(v2_model, requests).router())

@@ -11,6 +11,7 @@ connections: docs/benchmarks.md, "Front-end processes").
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -65,7 +66,13 @@ def run_frontend(args: FrontendArgs) -> None:
         )
 
     app = create_app(settings, engine=engine)
-    app.state.processes = {"workers": args.workers, "frontend_slot": args.slot}
+    app.state.processes = {
+        "workers": args.workers,
+        "workers_chosen": "auto" if settings.workers is None else "set",
+        "frontend_pid": os.getpid(),
+        "frontend_slot": args.slot,
+        "engine": "its own process",
+    }
     sock = listening_socket(settings.host, settings.port)
     server = FrontendServer(
         uvicorn_config(app, settings),

@@ -187,8 +187,15 @@ class RestApi:
             return error_response(Draining())
         return error_response(NotReady(LOAD_FAILED if state is State.FAILED else None))
 
-    async def info(self) -> Response:
-        return json_response(describe(self.runtime, self.settings))
+    async def info(self, request: Request) -> Response:
+        info = describe(self.runtime, self.settings)
+        processes = dict(request.app.state.processes)
+        for name in ("engine_pid", "frontends_connected"):
+            value = getattr(self.runtime.engine, name, None)
+            if value is not None:
+                processes[name] = value
+        info["processes"] = processes
+        return json_response(info)
 
     async def prometheus_metrics(self, request: Request) -> Response:
         accept = request.headers.get("accept")
