@@ -286,7 +286,7 @@ def test_too_little_shared_memory_is_refused_at_start_in_one_line(cheap_package:
             str(1 << 50),
             "--port",
             str(free_port()),
-        ],  # fmt: skip
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
