@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from loadtests import images
 from loadtests.cheap_package import write_cheap_package
+from loadtests.client import machine_times
 from loadtests.server import running_naive, running_server
 
 WRK_SCRIPT = """
@@ -59,6 +61,8 @@ class Point:
     errors: int
     p50_ms: float
     p99_ms: float
+    load_generator_cores: float = 0.0  # wrk
+    other_cores: float = 0.0  # busy CPU that was neither the server nor wrk: noise
 
 
 @dataclass
@@ -160,9 +164,17 @@ def measure(
 ) -> Point:
     run_wrk(url, script, args.connections, args.warmup)  # warm-up: caches, pools, batch sizes
     cpu_before, started = tree_cpu_seconds(pid), time.perf_counter()
+    machine_before, wrk_before = machine_times(), _children_cpu_seconds()
     result = run_wrk(url, script, args.connections, args.duration)
     elapsed = time.perf_counter() - started
     cpu = tree_cpu_seconds(pid) - cpu_before
+    wrk_cpu = _children_cpu_seconds() - wrk_before
+    machine_after = machine_times()
+    busy = (
+        (machine_after - machine_before).busy_s
+        if machine_after is not None and machine_before is not None
+        else cpu + wrk_cpu
+    )
     ok = result["requests"] - result["non_2xx"]
     return Point(
         config,
@@ -174,7 +186,14 @@ def measure(
         errors=int(result["errors"]),
         p50_ms=result["p50_ms"],
         p99_ms=result["p99_ms"],
+        load_generator_cores=round(wrk_cpu / elapsed, 3),
+        other_cores=round(max(0.0, busy - cpu - wrk_cpu) / elapsed, 3),
     )
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def server_for(

@@ -25,6 +25,7 @@ from service.frontend.security import ApiKeys, KeyFileError
 from service.frontend.server import DrainingServer, uvicorn_config
 from service.model_package import ModelPackage, PackageError
 from service.observability.logs import configure_logging
+from service.processes import settle_garbage_collector
 
 log = logging.getLogger("resnet_serve")
 EXIT_BAD_CONFIG = 2
@@ -117,6 +118,7 @@ def serve_in_one_process(settings: Settings) -> int:
     if settings.metrics_port is not None:  # observability hook: /metrics off the main port
         bound = app.state.metrics.serve_separately(settings.host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.host, bound)
+    settle_garbage_collector()
     server = DrainingServer(
         uvicorn_config(app, settings), app.state.runtime, settings.shutdown_grace_s
     )

@@ -58,6 +58,7 @@ class DevicePolicy:
     busy_batch_size: int  # the most images a batch that shares the engine takes
     decode_in_batch: bool  # True: images are queued encoded and decoded by the engine
     warmup_sizes: list[int]
+    engine_ms_per_image: float | None = None  # a lone image's run, measured in warm-up
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -32,3 +33,18 @@ def leave_ctrl_c_to_the_supervisor() -> None:
     """The terminal sends Ctrl-C to the whole process group; the supervisor turns it into
     an orderly drain of every process, so the children ignore it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# Young-generation collections every this many allocations (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_garbage_collector() -> None:
+    """Before serving: move what start-up built (modules, the app, the model's metadata)
+    out of the collector's way for good, and collect the young generation less often. A
+    request allocates hundreds of short-lived objects, and with the default threshold the
+    collector ran every few requests (7% of a front-end's samples under load)."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)

@@ -108,14 +108,17 @@ class AdmissionCounts:
     # --- the engine
 
     def received(self, slot: int, count: int) -> None:
-        """`count` images reserved by front-end `slot` have reached the engine's queue."""
+        """`count` images reserved by front-end `slot` have reached the engine's queue
+        (moved in one step: the total never dips)."""
         with self._locked():
-            self._counts[1 + slot] -= count
             self._counts[_ENGINE] += count
+            self._counts[1 + slot] -= count
 
     def set_engine_depth(self, depth: int) -> None:
-        with self._locked():
-            self._counts[_ENGINE] = depth
+        """A plain store, without the lock: the engine is the only writer of its count, an
+        aligned 8-byte store is atomic, and its count rises only in `received` (locked), so
+        a reader sees the depth before or after, never a torn or an under-count."""
+        self._counts[_ENGINE] = depth
 
     def forget(self, slot: int) -> None:
         """Front-end `slot` is gone: whatever it had reserved will never arrive."""

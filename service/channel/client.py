@@ -98,7 +98,8 @@ class RemoteSlots:
         if len(items) > self._count:
             raise RuntimeError("more items submitted than reserved")
         futures = self._engine._submit(items, deadline, outputs)
-        self._engine._admission.release(self._engine.slot, self._count - len(items))
+        if self._count > len(items):
+            self._engine._admission.release(self._engine.slot, self._count - len(items))
         self._count = 0  # the engine moves the submitted ones to its own count
         return futures
 

@@ -83,6 +83,7 @@ class _Batch(Generic[T, R]):
     pendings: list[_Pending[T, R]]
     alone: bool
     handed_early: bool  # taken while every thread was busy: it starts when one frees
+    announced: bool = False  # `_started` has run for it
     started: float | None = None  # set on the batch's thread when it starts, with:
     ran: list[_Pending[T, R]] = field(default_factory=list)  # the items still wanted then
 
@@ -345,12 +346,16 @@ class DynamicBatcher(Generic[T, R]):
             batch.started = now = self._clock()
             # Skipped here, not only when queued: a batch handed over early waited.
             batch.ran = [pending for pending in batch.pendings if pending.wanted(now)]
-            loop.call_soon_threadsafe(self._started, batch)
+            if batch.handed_early or len(batch.ran) < len(batch.pendings):
+                # The queue depth and the skipped images' callers must know now; else
+                # the loop hears of the start with the finish (one wake-up a batch less).
+                loop.call_soon_threadsafe(self._started, batch)
             return run_batch([pending.item for pending in batch.ran]) if batch.ran else []
 
         failed = True
         try:
             results = await loop.run_in_executor(self._threads, on_batch_thread)
+            self._started(batch)  # unless the thread already had the loop do it
             size = len(batch.ran)
             if len(results) != size:
                 raise RuntimeError(f"engine returned {len(results)} results for {size} items")
@@ -373,6 +378,8 @@ class DynamicBatcher(Generic[T, R]):
             self._fail(batch.pendings, Draining())
             raise
         finally:
+            if batch.started is not None:
+                self._started(batch)
             self._no_longer_waiting(batch)
             finished = self._clock()
             if batch.started is not None and batch.ran:  # else the engine never ran it
@@ -388,6 +395,9 @@ class DynamicBatcher(Generic[T, R]):
     def _started(self, batch: _Batch[T, R]) -> None:
         """On the event loop, once a thread has started `batch`."""
         assert batch.started is not None
+        if batch.announced:
+            return
+        batch.announced = True
         ran = {id(pending) for pending in batch.ran}
         for pending in batch.pendings:
             if id(pending) not in ran:

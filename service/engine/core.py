@@ -32,7 +32,7 @@ from service.engine.loading import (
     log_plan,
     record_load,
 )
-from service.engine.policy import device_policy
+from service.engine.policy import device_policy, with_measured_engine
 from service.engine.providers import check_providers
 from service.engine_api import DevicePolicy, EngineInfo, EngineState, ImageOutput, Pending, Served
 from service.errors import ServiceError
@@ -152,7 +152,8 @@ class EngineCore:
         )
         sizes = self.policy.warmup_sizes
         warm_started = time.perf_counter()
-        engine.warm_up(sizes)
+        ms_per_image = engine.warm_up(sizes)
+        self.policy = with_measured_engine(self.policy, self.settings, ms_per_image)
         self._engine = engine
         load_s, warm_s = warm_started - started, time.perf_counter() - warm_started
         record_load(

@@ -34,7 +34,8 @@ class Engine(Protocol):
     def has_solo_session(self) -> bool: ...  # a batch that runs alone gets every CPU
 
     def run(self, batch: np.ndarray, alone: bool = False) -> Outputs: ...
-    def warm_up(self, batch_sizes: list[int]) -> None: ...
+    # Returns a lone image's run time in ms once warm, where the engine measures it.
+    def warm_up(self, batch_sizes: list[int]) -> float | None: ...
 
 
 EngineFactory = Callable[[Settings, ModelPackage], tuple[Engine, Precision, list[str]]]
@@ -110,7 +111,8 @@ def log_load(
 def log_plan(plan: ThreadPlan, policy: DevicePolicy, device: str) -> None:
     log.info(
         "threads: %g CPU(s) available (%s); %d engine instance(s) of %d ONNX Runtime "
-        "thread(s)%s, spinning %s; %d batch(es) at once; %d decode worker(s)",
+        "thread(s)%s, spinning %s; %d batch(es) at once, busy batches of up to %d "
+        "(a lone image runs in %s ms); %d decode worker(s)",
         plan.limit.cpus,
         plan.limit.source,
         plan.instances,
@@ -120,5 +122,7 @@ def log_plan(plan: ThreadPlan, policy: DevicePolicy, device: str) -> None:
         else "",
         "on" if plan.spinning else "off",
         policy.concurrent_batches,
+        policy.busy_batch_size,
+        "?" if policy.engine_ms_per_image is None else f"{policy.engine_ms_per_image:.2f}",
         plan.decode_workers,
     )

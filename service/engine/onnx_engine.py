@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +198,19 @@ class InferenceEngine:
         session.run_with_iobinding(binding)
         return logits, embedding
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+    def warm_up(self, batch_sizes: Sequence[int]) -> float:
         """Run each batch size once, so first requests don't pay for allocation and
-        (on CUDA) convolution algorithm search."""
+        (on CUDA) convolution algorithm search. Returns the milliseconds a lone image
+        then takes on an instance (the median of three runs), which tells a model that
+        costs microseconds from one that dominates a request."""
         sessions = [*self._instances, *([self._solo] if self._solo is not None else [])]
         for session in sessions:
             for size in batch_sizes:
                 self._run_on(session, np.zeros((size, *self.input_shape), dtype=np.uint8))
+        one = np.zeros((1, *self.input_shape), dtype=np.uint8)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            self._run_on(self._instances[0], one)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[1] * 1000

@@ -12,7 +12,8 @@
   at batches of 1 to 8 on 2 CPUs, and one image at a time halved the open-loop tail at 80%
   and 95% load against two); `CPU_BUSY_IMAGES_PER_THREAD` on instances of several threads
   (on 16 CPUs, four-thread instances with batches of 2 starved). docs/benchmarks.md has
-  the figures.
+  the figures. Unless the model is cheap: warm-up times a lone image, and below
+  `CHEAP_ENGINE_MS` busy batches take up to max_batch_size (`with_measured_engine`).
 - Decoding: on CPUs as the first step of each batch (decoding and inference share the cores,
   and overlapping them only makes each slower); on GPUs before queueing, while the GPU runs.
 - Warm-up: every batch size on GPUs (each shape gets its own kernel search), powers of two
@@ -21,6 +22,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from service.config import Settings
 from service.cpus import ThreadPlan
 from service.engine_api import DevicePolicy
@@ -28,6 +31,8 @@ from service.engine_api import DevicePolicy
 GPU_CONCURRENT_BATCHES = 2
 # On CPUs a batch on an instance of several threads takes up to 2 images per thread.
 CPU_BUSY_IMAGES_PER_THREAD = 2
+# A model whose lone image runs faster than this is cheap beside decoding and batching.
+CHEAP_ENGINE_MS = 1.0
 
 
 def device_policy(settings: Settings, plan: ThreadPlan, device: str) -> DevicePolicy:
@@ -43,6 +48,22 @@ def device_policy(settings: Settings, plan: ThreadPlan, device: str) -> DevicePo
         decode_in_batch=not (overlap if overlap is not None else not on_cpu),
         warmup_sizes=settings.warmup_batch_sizes or warmup_sizes(settings.max_batch_size, on_cpu),
     )
+
+
+def with_measured_engine(
+    policy: DevicePolicy, settings: Settings, ms_per_image: float | None
+) -> DevicePolicy:
+    """The policy once warm-up has timed a lone image. On CPUs a model that costs less
+    than `CHEAP_ENGINE_MS` an image is dwarfed by what a batch costs besides it (the
+    batcher, the hand-off to a thread, the run call: about 0.5 ms on 2 CPUs), so busy
+    batches take up to `max_batch_size` images instead of one (cheap-engine package on 2
+    CPUs: 706 against 562 img/s, 2.63 against 3.07 CPU-ms an image; docs/benchmarks.md)."""
+    if ms_per_image is None:
+        return policy
+    policy = replace(policy, engine_ms_per_image=round(ms_per_image, 3))
+    if policy.device != "cpu" or settings.busy_batch_size or ms_per_image >= CHEAP_ENGINE_MS:
+        return policy
+    return replace(policy, busy_batch_size=settings.max_batch_size)
 
 
 def busy_batch_size(settings: Settings, plan: ThreadPlan, on_cpu: bool) -> int:

@@ -27,7 +27,11 @@ from service.engine_api import EngineState
 from service.observability.aggregate import Family, PlainCollector
 from service.observability.logs import configure_logging
 from service.observability.metrics import ServiceMetrics
-from service.processes import die_with_parent, leave_ctrl_c_to_the_supervisor
+from service.processes import (
+    die_with_parent,
+    leave_ctrl_c_to_the_supervisor,
+    settle_garbage_collector,
+)
 
 log = logging.getLogger("resnet_serve")
 EXIT_LOAD_FAILED = 1
@@ -86,6 +90,7 @@ async def _serve(args: EngineArgs) -> int:
     loading = asyncio.create_task(core.load(), name="load-model")
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    settle_garbage_collector()
     server.broadcast_status()
     if core.state is EngineState.FAILED:
         await asyncio.sleep(0.2)  # let the front-ends read that loading failed

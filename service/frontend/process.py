@@ -23,7 +23,11 @@ from service.frontend.app import create_app
 from service.frontend.server import FrontendServer, uvicorn_config
 from service.observability.logs import configure_logging
 from service.observability.metrics import ServiceMetrics
-from service.processes import die_with_parent, leave_ctrl_c_to_the_supervisor
+from service.processes import (
+    die_with_parent,
+    leave_ctrl_c_to_the_supervisor,
+    settle_garbage_collector,
+)
 
 log = logging.getLogger("resnet_serve")
 BACKLOG = 2048
@@ -80,5 +84,6 @@ def run_frontend(args: FrontendArgs) -> None:
         settings.shutdown_grace_s,
         drain_deadline=lambda: admission.drain_deadline,
     )
+    settle_garbage_collector()
     server.run(sockets=[sock])
     raise SystemExit(server.exit_code)

@@ -266,6 +266,7 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
             runtime.policy.partial_batches_while_busy if runtime.policy else None
         ),
         "busy_batch_size": runtime.policy.busy_batch_size if runtime.policy else None,
+        "engine_ms_per_image": runtime.policy.engine_ms_per_image if runtime.policy else None,
         "request_timeout_ms": settings.request_timeout_ms,
     }
     info["limits"] = {

@@ -202,8 +202,10 @@ def test_items_queued_behind_a_busy_engine_form_full_batches_in_order(
         assert [completed.value for completed in done] == [0, 10, 20, 30, 40, 50]
         assert [completed.batch_size for completed in done] == [1, 4, 4, 4, 4, 1]
         assert [completed.queued_s for completed in done] == [0.0] + [2.0] * 5
-        assert observer.batch_sizes == [1, 4, 1]
-        assert observer.started == [(1, [0.0]), (4, [2.0] * 4), (1, [2.0])]
+        # A batch's start is reported with its finish unless it waited as an early
+        # hand-over (the [1, 2, 3, 4] here): one wake-up of the loop a batch less.
+        assert sorted(observer.batch_sizes) == [1, 1, 4]
+        assert sorted(observer.started) == [(1, [0.0]), (1, [2.0]), (4, [2.0] * 4)]
         assert [(size, failed) for size, _, failed in observer.finished] == [
             (1, False),
             (4, False),
@@ -312,10 +314,10 @@ def test_a_partial_batch_goes_once_its_oldest_item_has_waited_the_delay(
         fourth = slots.submit(4)  # the oldest has now waited 10 s; this one 0 s
         await engine.wait_started(2)
         assert engine.batches == [[0], [1, 2, 3, 4]]
-        assert observer.started[1] == (4, [10.0, 10.0, 1.0, 0.0])
 
         engine.release()
         done = await results([first, *older, third, fourth])
+        assert (4, [10.0, 10.0, 1.0, 0.0]) in observer.started
         assert [completed.value for completed in done] == [0, 10, 20, 30, 40]
         assert [completed.queued_s for completed in done] == [0.0, 10.0, 10.0, 1.0, 0.0]
         await bounded(batcher.close(WAIT_S))
@@ -463,7 +465,7 @@ def test_a_full_batch_handed_over_early_starts_while_the_event_loop_is_blocked(
         assert [completed.value for completed in done] == [0, 10, 20, 30, 40]
         assert engine.batches == [[0], [1, 2], [3, 4]]
         # The early batch's queue wait runs to its real start, after the clock moved.
-        assert observer.started[1] == (2, [1.0, 1.0])
+        assert (2, [1.0, 1.0]) in observer.started
         assert batcher.depth == 0
         await bounded(batcher.close(WAIT_S))
 
@@ -657,7 +659,7 @@ def test_close_runs_what_is_queued_and_refuses_new_work(
         done = await results([first, *queued])
         assert [completed.value for completed in done] == [0, 10, 20, 30]
         assert engine.batches == [[0], [1, 2], [3]]
-        assert observer.batch_sizes == [1, 2, 1]
+        assert sorted(observer.batch_sizes) == [1, 1, 2]
         assert batcher.depth == 0
         assert batcher.in_flight == 0
 
