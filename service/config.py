@@ -182,7 +182,7 @@ class Settings(BaseSettings):
         description="front-end processes (HTTP, gRPC, decoding) beside the one engine "
         "process that owns the model and the batcher; all listen on the same port "
         "(SO_REUSEPORT). 0: everything in one process. Default: from the CPUs this process "
-        "may use (service/cpus.py: auto_workers)",
+        "may use: one per CPU, at most 8",
     )
 
     # --- server

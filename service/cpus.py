@@ -141,13 +141,14 @@ def plan_threads(
     return ThreadPlan(limit, count, intra, solo, decode, spinning)
 
 
-# One front-end process per this many CPUs, at least one, at most MAX_AUTO_WORKERS: a
-# front-end's event loop and decode threads want a core or two of their own, the engine the
-# rest (docs/benchmarks.md, "Front-end processes").
-CPUS_PER_WORKER = 4
+# Front-end processes when `--workers` is not set: one per CPU, at most MAX_AUTO_WORKERS.
+# Each is an event loop with decode threads of its own (no GIL between them): where the
+# engine is cheap or on a GPU they decode, and decoding is the bulk of the work; where a
+# CPU model dominates they mostly wait, at the cost of their memory (docs/benchmarks.md,
+# "Front-end processes").
 MAX_AUTO_WORKERS = 8
 
 
 def auto_workers(limit: CpuLimit) -> int:
     """The number of front-end processes when `--workers` is not set."""
-    return max(1, min(MAX_AUTO_WORKERS, limit.whole // CPUS_PER_WORKER))
+    return max(1, min(MAX_AUTO_WORKERS, limit.whole))

@@ -59,6 +59,7 @@ class DevicePolicy:
     decode_in_batch: bool  # True: images are queued encoded and decoded by the engine
     warmup_sizes: list[int]
     engine_ms_per_image: float | None = None  # a lone image's run, measured in warm-up
+    lone_batches_alone: bool = True  # a batch that finds the engine idle takes every CPU
 
 
 @dataclass(frozen=True)

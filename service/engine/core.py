@@ -115,7 +115,9 @@ class EngineCore:
             partial_batches_while_busy=policy.partial_batches_while_busy,
             busy_batch_size=policy.busy_batch_size,
             run_alone=(
-                partial(self._run_batch, alone=True) if self._engine.has_solo_session else None
+                partial(self._run_batch, alone=True)
+                if self._engine.has_solo_session and policy.lone_batches_alone
+                else None
             ),
             observer=self._observer,
             thread_name_prefix="engine",

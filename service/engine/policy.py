@@ -57,13 +57,22 @@ def with_measured_engine(
     than `CHEAP_ENGINE_MS` an image is dwarfed by what a batch costs besides it (the
     batcher, the hand-off to a thread, the run call: about 0.5 ms on 2 CPUs), so busy
     batches take up to `max_batch_size` images instead of one (cheap-engine package on 2
-    CPUs: 706 against 562 img/s, 2.63 against 3.07 CPU-ms an image; docs/benchmarks.md)."""
+    CPUs: 706 against 562 img/s, 2.63 against 3.07 CPU-ms an image; docs/benchmarks.md),
+    no batch runs alone, and the front-ends decode (unless `--overlap-decode` says)."""
     if ms_per_image is None:
         return policy
     policy = replace(policy, engine_ms_per_image=round(ms_per_image, 3))
-    if policy.device != "cpu" or settings.busy_batch_size or ms_per_image >= CHEAP_ENGINE_MS:
+    if policy.device != "cpu" or ms_per_image >= CHEAP_ENGINE_MS:
         return policy
-    return replace(policy, busy_batch_size=settings.max_batch_size)
+    # Nor does a lone batch gain from running alone on every CPU; and decoding, now the
+    # bulk of the work, goes to the front-ends, several processes with no GIL between them
+    # (cheap-engine package, 2 CPUs, 2 front-ends: 482 against 390 req/s).
+    return replace(
+        policy,
+        busy_batch_size=settings.busy_batch_size or settings.max_batch_size,
+        lone_batches_alone=False,
+        decode_in_batch=policy.decode_in_batch if settings.overlap_decode is not None else False,
+    )
 
 
 def busy_batch_size(settings: Settings, plan: ThreadPlan, on_cpu: bool) -> int:

@@ -130,7 +130,7 @@ the architecture, and resnet-export refuses both), nor when model.export.arch is
 {{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
 {{- end }}
 
-{{/* Front-end processes: config.workers, else the service's own rule (one per 4 CPUs of
+{{/* Front-end processes: config.workers, else the service's own rule (one per CPU of
 the CPU limit, 1 to 8; service/cpus.py auto_workers). */}}
 {{- define "resnet-serve.workers" -}}
 {{- if not (kindIs "invalid" .Values.config.workers) }}
@@ -143,7 +143,7 @@ the CPU limit, 1 to 8; service/cpus.py auto_workers). */}}
 {{- else }}
 {{- $cpus = int (floor (float64 $cpu)) }}
 {{- end }}
-{{- max 1 (min 8 (div $cpus 4)) }}
+{{- max 1 (min 8 $cpus) }}
 {{- end }}
 {{- end }}
 
