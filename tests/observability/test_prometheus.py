@@ -15,8 +15,10 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from loadtests.prometheus import (
     rule_queries,
     running_prometheus,
 )
+from loadtests.server import free_port, wait_ready
 from service.config import Settings
 from service.frontend.app import create_app
 from service.observability import metrics as metrics_module
@@ -172,34 +175,74 @@ class Live:
     finished: float
 
 
-@pytest.fixture(scope="module")
-def live(resnet18_package: Path, distinct_jpegs: list[bytes]) -> Iterator[Live]:
-    _require("prometheus")
-    settings = Settings(
-        model_dir=resnet18_package,
-        precision="fp32",
-        max_batch_size=4,
-        busy_batch_size=4,  # batches of several images (on 2 CPUs the default takes one)
-        max_queue_size=8,
-        warmup_batch_sizes=[1, 4],
-    )
-    app = create_app(settings)
-    # Traced (spans kept in memory), so that Prometheus stores the trace ids as exemplars.
+SERVER_SETTINGS = {
+    "precision": "fp32",
+    "max_batch_size": 4,
+    "busy_batch_size": 4,  # batches of several images (on 2 CPUs the default takes one)
+    "max_queue_size": 8,
+    "warmup_batch_sizes": [1, 4],
+}
+
+
+@contextmanager
+def _one_process(package: Path) -> Iterator[str]:
+    """The app in this process, traced (spans kept in memory)."""
+    app = create_app(Settings(model_dir=package, **SERVER_SETTINGS))  # type: ignore[arg-type]
     app.state.tracing = tracing.instrument(app, "test", exporter=InMemorySpanExporter())
     try:
         with running_server(app) as url:
-            target = url.removeprefix("http://")
-            with running_prometheus([target], interval_s=1.0) as prometheus:
-                prometheus.wait_until(f'up{{job="{JOB}"}} == 1', timeout_s=15)
-                started = time.time()
-                traffic = asyncio.run(_drive(url, distinct_jpegs))
-                # Two scrapes after the traffic, and the rules evaluated on them.
-                time.sleep(2.5)
-                prometheus.wait_until(f'job:resnet_images:rate5m{{job="{JOB}"}} > 0', timeout_s=15)
-                yield Live(prometheus, traffic, started, time.time())
+            yield url
     finally:
         metrics_module.set_exemplar_source(None)
         app.state.tracing.shutdown()
+
+
+@contextmanager
+def _front_ends(package: Path, log_dir: Path) -> Iterator[str]:
+    """`resnet-serve` with an engine process and two front-ends, traced to its log: the
+    figures Prometheus scrapes from any front-end are the whole server's."""
+    flags = []
+    for name, value in SERVER_SETTINGS.items():
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        flags += ["--" + name.replace("_", "-"), text]
+    port = free_port()
+    command = [
+        sys.executable, "-m", "service.cli", "--model-dir", str(package), "--port", str(port),
+        "--workers", "2", "--log-level", "warning", *flags,
+    ]  # fmt: skip
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "test"}
+    with (log_dir / "server.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_ready(process, port, 120, f"see {log_dir / 'server.log'}")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(60)
+
+
+@pytest.fixture(scope="module", params=["one process", "two front-ends"])
+def live(
+    request: pytest.FixtureRequest,
+    resnet18_package: Path,
+    distinct_jpegs: list[bytes],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Live]:
+    _require("prometheus")
+    if request.param == "one process":
+        server = _one_process(resnet18_package)
+    else:
+        server = _front_ends(resnet18_package, tmp_path_factory.mktemp("front-ends"))
+    with server as url:
+        target = url.removeprefix("http://")
+        with running_prometheus([target], interval_s=1.0) as prometheus:
+            prometheus.wait_until(f'up{{job="{JOB}"}} == 1', timeout_s=15)
+            started = time.time()
+            traffic = asyncio.run(_drive(url, distinct_jpegs))
+            # Two scrapes after the traffic, and the rules evaluated on them.
+            time.sleep(2.5)
+            prometheus.wait_until(f'job:resnet_images:rate5m{{job="{JOB}"}} > 0', timeout_s=15)
+            yield Live(prometheus, traffic, started, time.time())
 
 
 def _run(prometheus: Prometheus, query: Query) -> tuple[str, list[dict]]:
