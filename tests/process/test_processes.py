@@ -296,3 +296,44 @@ def test_too_little_shared_memory_is_refused_at_start_in_one_line(cheap_package:
     (line,) = [line for line in result.stderr.splitlines() if "error" in line]
     assert "/dev/shm" in line
     assert "Traceback" not in result.stderr
+
+
+def test_grpc_and_the_separate_metrics_port_work_across_front_ends(
+    cheap_package: Path, photo_jpegs: dict[str, bytes]
+) -> None:
+    """Every front-end serves the v2 gRPC port too (grpcio shares it with SO_REUSEPORT);
+    the separate metrics port, served by the engine process, counts all of them."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    grpc_port, metrics_port = free_port(), free_port()
+    flags = ("--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port))
+    jpeg = next(iter(photo_jpegs.values()))
+    with multi_process_server(cheap_package, *flags) as (process, url):
+        answers = set()
+        for _ in range(10):  # a new channel each: connections spread over the front-ends
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+            assert client.is_server_live()
+            images = grpcclient.InferInput("image_bytes", [1], "BYTES")
+            images.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
+            result = client.infer(
+                "cheap-engine",
+                [images],
+                outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)],
+            )
+            top = result.as_numpy("logits")[0]
+            assert len(top) == 3
+            answers.add(tuple(top))
+            client.close()
+        assert len(answers) == 1
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert (
+            metric_value(text, "resnet_requests_total", {"endpoint": "v2_grpc", "status": "200"})
+            == 10
+        )
+        assert metric_value(text, "resnet_batch_size_sum") == 10
+        with httpx.Client(base_url=url, timeout=10) as http:
+            assert http.get("/metrics").status_code == 404  # only on its own port
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
