@@ -69,6 +69,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         self._frontends: dict[int, _Frontend] = {}
         self._next_slot = 0
+        self._frontends_started = 0
         self.engine: BaseProcess | None = None
 
     def run(self) -> int:
@@ -144,7 +145,9 @@ class Supervisor:
             self._arena_bytes,
             self.workers,
             os.getpid(),
+            announce=self._frontends_started == 0,
         )
+        self._frontends_started += 1
         process = self._context.Process(
             target=run_frontend, args=(args,), name=f"resnet-serve-frontend-{slot}", daemon=False
         )

@@ -52,10 +52,12 @@ def create_app(
     *,
     engine_factory: Callable[..., Any] | None = None,
     engine: EngineMaker | None = None,
+    announce: bool = True,
 ) -> FastAPI:
     """The app over `engine` (made with the app's metrics), or by default over the engine
     in this process, opened by `engine_factory` (`load_onnx_engine` unless a test gives
-    its own). Only the in-process default imports ONNX Runtime."""
+    its own). Only the in-process default imports ONNX Runtime. `announce`: whether this
+    app logs server-wide warnings (one front-end of several does)."""
     metrics = ServiceMetrics()
     if engine is None:
         from service.engine.local import LocalEngine
@@ -84,7 +86,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.grpc_port = None  # the bound port, once the gRPC server listens
     app.state.processes = {"workers": 0, "frontend_pid": os.getpid(), "engine": "this process"}
-    app.state.tracing = tracing.instrument(app, service_version())  # None when tracing is off
+    app.state.tracing = tracing.instrument(app, service_version(), announce=announce)  # None when tracing is off
     app.include_router(RestApi(runtime, settings, metrics, requests).router())
     app.include_router(V2HttpApi(v2_model, requests).router())
     add_error_handlers(app, metrics)

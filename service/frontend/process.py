@@ -42,6 +42,9 @@ class FrontendArgs:
     arena_bytes: int
     workers: int
     parent_pid: int
+    # Whether this front-end logs what holds for the whole server (tracing left off, say):
+    # the first one started does, so the log says it once, not once a front-end.
+    announce: bool = True
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -69,7 +72,7 @@ def run_frontend(args: FrontendArgs) -> None:
             settings, metrics, args.socket_path, admission, args.slot, args.arena_bytes
         )
 
-    app = create_app(settings, engine=engine)
+    app = create_app(settings, engine=engine, announce=args.announce)
     app.state.processes = {
         "workers": args.workers,
         "workers_chosen": "auto" if settings.workers is None else "set",

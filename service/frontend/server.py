@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import signal
@@ -79,7 +80,11 @@ class DrainingServer(uvicorn.Server):
         self._signals += 1
         if self._signals == 1 and self._loop is not None:
             log.info("received %s: draining", signal.Signals(sig).name)
-            self._loop.call_soon_threadsafe(self._spawn, self._drain())
+            # A fresh context: the signal may land inside a request's, whose id the drain's
+            # log lines must not carry.
+            self._loop.call_soon_threadsafe(
+                self._spawn, self._drain(), context=contextvars.Context()
+            )
         elif self._signals == 2:
             self.should_exit = True
         else:

@@ -183,15 +183,18 @@ def instrument(
     *,
     exporter: SpanExporter | None = None,
     env: Mapping[str, str] = os.environ,
+    announce: bool = True,
 ) -> Tracing | None:
     """Trace `app` when the environment asks for it (or when a test passes `exporter`, which
     then receives every span synchronously); returns None, having imported nothing, when
     tracing is off. Call before the app serves its first request. A tracing setting the
     service cannot honour (an unknown exporter or protocol, or the `tracing` extra not
     installed) is logged as one warning and leaves tracing off: traces are never worth
-    refusing to serve."""
+    refusing to serve. With `announce` false (every front-end but one) that warning is
+    logged at DEBUG, so a server of several processes says it once."""
     if exporter is None and not enabled(env):
         return None
+    level = logging.WARNING if announce else logging.DEBUG
     try:
         # The SDK, the exporter and the instrumentation come with the `tracing` extra; an
         # install without it (a slim image) must still serve, untraced.
@@ -200,14 +203,15 @@ def instrument(
         exporters = [exporter] if exporter is not None else _exporters(env)
         provider = _provider(version, exporters, batch=exporter is None, env=env)
     except ImportError as exc:
-        log.warning(
+        log.log(
+            level,
             "tracing stays OFF: %s (the OTEL_* variables ask for traces; install "
             "resnet-serve[tracing] to send them)",
             exc,
         )
         return None
     except ValueError as exc:
-        log.warning("tracing stays OFF: %s", exc)
+        log.log(level, "tracing stays OFF: %s", exc)
         return None
     tracing = Tracing(provider)
     FastAPIInstrumentor.instrument_app(
