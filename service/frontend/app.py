@@ -86,7 +86,8 @@ def create_app(
     app.state.metrics = metrics
     app.state.grpc_port = None  # the bound port, once the gRPC server listens
     app.state.processes = {"workers": 0, "frontend_pid": os.getpid(), "engine": "this process"}
-    app.state.tracing = tracing.instrument(app, service_version(), announce=announce)  # None when tracing is off
+    # None when tracing is off
+    app.state.tracing = tracing.instrument(app, service_version(), announce=announce)
     app.include_router(RestApi(runtime, settings, metrics, requests).router())
     app.include_router(V2HttpApi(v2_model, requests).router())
     add_error_handlers(app, metrics)
