@@ -99,7 +99,8 @@ class Settings(BaseSettings):
         "beside a running batch, and on CPUs any batch but one that runs alone (it is full, "
         "and starts, at that size); default: on CPUs, where it runs on an engine instance "
         "with a share of the cores, 1 on one-thread instances and 2 per thread on larger "
-        "ones; max_batch_size on GPUs",
+        "ones; max_batch_size on GPUs, and on CPUs when warm-up finds a lone image runs "
+        "in under 1 ms (a model that cheap gains nothing from small batches)",
     )
     request_timeout_ms: float = Field(
         30_000, gt=0, description="per-request deadline from arrival; beyond it: 504"
@@ -116,7 +117,8 @@ class Settings(BaseSettings):
         description="decode images while the engine runs other batches (right for GPUs), "
         "rather than as the first step of each batch (right on CPUs, where decoding and "
         "inference share the cores and overlapping them only makes each slower); "
-        "default: overlap on GPUs only",
+        "default: overlap on GPUs, and on CPUs when warm-up finds a lone image runs in "
+        "under 1 ms (the front-ends decode, and no batch runs alone on every CPU)",
     )
     decode_workers: int | None = Field(
         None,
