@@ -10,6 +10,8 @@ whole server (every process of its tree, from /proc), each set against the naive
 
     python -m loadtests.overhead --configs naive,workers=0,workers=1,workers=2,auto \\
         --also before@/path/to/older/checkout=
+    python -m loadtests.overhead --package models/resnet50 --precision int8 \\
+        --configs naive,auto   # the same figures where the engine dominates
 """
 
 from __future__ import annotations
@@ -197,20 +199,22 @@ def _children_cpu_seconds() -> float:
 
 
 def server_for(
-    config: str, package: Path, logs: Path, extra: list[str]
+    config: str, package: Path, precision: str, logs: Path, extra: list[str]
 ) -> AbstractContextManager[tuple[str, int, int]]:
     """`naive`; `auto` (the defaults); `workers=N`; `NAME@CHECKOUT=FLAGS` (an older checkout)."""
     log_path = logs / f"{re.sub(r'[^A-Za-z0-9=_-]', '_', config)}.log"
     if config == "naive":
-        return running_naive(package, "fp32", log_path)
+        return running_naive(package, precision, log_path)
     if "@" in config:
         _name, _, rest = config.partition("@")
         checkout, _, flags = rest.partition("=")
-        return running_server(package, "fp32", flags.split() + extra, log_path, cwd=Path(checkout))
+        return running_server(
+            package, precision, flags.split() + extra, log_path, cwd=Path(checkout)
+        )
     if config == "auto":
-        return running_server(package, "fp32", extra, log_path)
+        return running_server(package, precision, extra, log_path)
     if config.startswith("workers="):
-        return running_server(package, "fp32", ["--workers", config[8:], *extra], log_path)
+        return running_server(package, precision, ["--workers", config[8:], *extra], log_path)
     raise SystemExit(f"unknown configuration {config!r}")
 
 
@@ -234,7 +238,14 @@ def wrk_script(path: str) -> Iterator[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtests.overhead", description=__doc__)
-    parser.add_argument("--package", type=Path, default=Path("models/cheap"))
+    parser.add_argument(
+        "--package",
+        type=Path,
+        default=Path("models/cheap"),
+        help="package to serve (written if missing: the cheap-engine package); a ResNet-50 "
+        "package measures the same figures where the engine dominates",
+    )
+    parser.add_argument("--precision", default="fp32", help="variant to serve")
     parser.add_argument(
         "--configs",
         default="naive,workers=0,workers=1,workers=2,auto",
@@ -270,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             order = configs if round_index % 2 == 0 else list(reversed(configs))
             for config in order:
-                with server_for(config, args.package, logs, extra) as (host, port, pid):
+                with server_for(config, args.package, args.precision, logs, extra) as (
+                    host,
+                    port,
+                    pid,
+                ):
                     point = measure(config, round_index, pid, f"http://{host}:{port}", script, args)
                 report.points.append(point)
                 print(json.dumps(asdict(point)), flush=True)
