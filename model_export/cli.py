@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import resource
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from model_export.package import (
 from model_export.progress import Progress
 from service.model_package import (
     VARIANT_FILES,
+    ExportRun,
     FailedVariant,
     Manifest,
     Precision,
@@ -248,6 +251,14 @@ def load_model(args: argparse.Namespace, progress: Progress) -> sources.LoadedMo
         return sources.load_torchvision(arch, args.weights, args.num_classes)
 
 
+def int8_scheme(args: argparse.Namespace) -> variants.Int8Scheme:
+    return variants.Int8Scheme(
+        method=args.calibration_method,
+        float_layers=args.float_layers,
+        symmetric_ranges=args.calibration_method == "percentile",
+    )
+
+
 def torch_runner(loaded: sources.LoadedModel) -> verify.Runner:
     """The PyTorch reference on the same uint8 pixels, normalised by torchvision itself."""
     import torch
@@ -310,7 +321,13 @@ def verification_photos(calibration_files: list[Path]) -> list[Path]:
     return held_out
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def export(args: argparse.Namespace, progress: Progress) -> Manifest:
+    started = time.monotonic()
     out: Path = args.out
     check_output_path(out, args.force)
     if args.calibration_dir is not None:
@@ -359,12 +376,7 @@ def export(args: argparse.Namespace, progress: Progress) -> Manifest:
             elif precision is Precision.INT8:
                 with progress.step("calibrating and quantising to INT8"):
                     settings = variants.to_int8(
-                        fp32_path,
-                        path,
-                        calibration_set,
-                        graph.INPUT_NAME,
-                        args.calibration_method,
-                        args.float_layers,
+                        fp32_path, path, calibration_set, graph.INPUT_NAME, spec, int8_scheme(args)
                     )
                     calibration = {**calibration_info, **settings}
                 notes.append("static QDQ int8; for CPUs with VNNI or AMX")
@@ -440,6 +452,9 @@ def export(args: argparse.Namespace, progress: Progress) -> Manifest:
                 "onnxruntime",
                 "onnxruntime-gpu",  # whichever ONNX Runtime build is installed
             ),
+            export=ExportRun(
+                peak_rss_bytes=peak_rss_bytes(), seconds=round(time.monotonic() - started, 1)
+            ),
         )
         publish(staging, out, manifest, loaded.labels)
     return manifest
@@ -476,5 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"; {precision} FAILED its tolerances and was left out"
         for precision in manifest.failed_variants
     )
-    print(f"{args.out}: {manifest.arch}, {trained}, verified variants: {variants_built}{skipped}")
+    assert manifest.export is not None
+    print(
+        f"{args.out}: {manifest.arch}, {trained}, verified variants: {variants_built}{skipped}; "
+        f"export peak RSS {manifest.export.peak_rss_bytes / 2**30:.2f} GiB"
+    )
     return 0

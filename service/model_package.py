@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"
 # 2: MMPretrain sources, mean cosines per check, held-out photo names, failed variants.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # format 1 lacks only fields that have defaults here
+# 3: `export`, what the export itself cost (its peak RSS).
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)  # formats 1 and 2 lack only fields that have defaults here
 
 
 class Precision(StrEnum):
@@ -120,6 +121,13 @@ class FailedVariant(_Strict):
     verification: Verification
 
 
+class ExportRun(_Strict):
+    """Format 3: what the export cost where it ran, to size the machine that reruns it."""
+
+    peak_rss_bytes: int  # the exporting process's peak resident set size
+    seconds: float
+
+
 class Manifest(_Strict):
     format_version: int = FORMAT_VERSION
     name: str
@@ -139,6 +147,7 @@ class Manifest(_Strict):
     calibration: dict[str, Any] | None = None
     tools: dict[str, str]
     failed_variants: dict[Precision, FailedVariant] = {}
+    export: ExportRun | None = None  # format 3
 
     @property
     def input_name(self) -> str:

@@ -309,6 +309,25 @@ def test_model_sources(chart: helm.Chart) -> None:
     assert init["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+# resnet-export's peak RSS for ResNet-50 FP32 + INT8 (random init, default calibration),
+# measured with /usr/bin/time -v (docs/model-package.md#export-memory).
+RESNET50_INT8_EXPORT_PEAK_BYTES = 2_198_656 * 1024
+
+
+def test_export_init_container_fits_the_measured_export(chart: helm.Chart) -> None:
+    export = render(chart, load_values(CHART / "examples" / "export-values.yaml"))
+    (init,) = find(export, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    assert "int8" in init["args"]
+    resources = init["resources"]
+    request = int(resources["requests"]["memory"].removesuffix("Gi")) * 2**30
+    limit = int(resources["limits"]["memory"].removesuffix("Gi")) * 2**30
+    # The request covers the measured peak; the limit leaves a third more for other weights
+    # and ONNX Runtime's per-thread buffers on larger nodes.
+    assert request >= RESNET50_INT8_EXPORT_PEAK_BYTES
+    assert limit >= 1.33 * RESNET50_INT8_EXPORT_PEAK_BYTES
+    assert limit <= 2 * request  # not sized for the old 9 GB calibration
+
+
 def service_metric_names() -> set[str]:
     names = set()
     for family in ServiceMetrics().registry.collect():
