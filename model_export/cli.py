@@ -171,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-method",
         choices=list(variants.CALIBRATION_METHODS),
         default=variants.DEFAULT_CALIBRATION,
-        help="how activation ranges are chosen from the calibration images (default: "
-        "%(default)s; see docs/model-package.md for each method's fidelity and speed)",
+        help="how activation ranges are chosen from the calibration images: MinMax, a "
+        "percentile of |x|, entropy (KL), or mse (per tensor, the clipping with the least "
+        "uint8 squared error) (default: %(default)s; docs/model-package.md has each "
+        "method's fidelity and speed)",
     )
     calibration.add_argument(
         "--float-layers",

@@ -78,6 +78,12 @@ SCHEMES: dict[str, Scheme] = {
     "p99.999 sym, islands": Scheme(percentile=99.999),
     "minmax, islands": Scheme(method="minmax", symmetric_ranges=False),
     "entropy, islands": Scheme(method="entropy", symmetric_ranges=False),
+    "mse, none": Scheme(method="mse", float_layers="none", symmetric_ranges=False),
+    "mse, stem + classifier": Scheme(
+        method="mse", float_layers="stem-classifier", symmetric_ranges=False
+    ),
+    "mse, islands": Scheme(method="mse", symmetric_ranges=False),
+    "p99.9 asym, none": Scheme(percentile=99.9, float_layers="none", symmetric_ranges=False),
 }
 
 
@@ -135,6 +141,8 @@ def slug(name: str) -> str:
 
 
 def _calibration_key(scheme: Scheme) -> str:
+    if scheme.method == "mse":
+        return "mse"
     return f"{scheme.method}-{scheme.percentile:g}-{'sym' if scheme.symmetric_ranges else 'asym'}"
 
 

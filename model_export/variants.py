@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -22,6 +22,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from model_export import calibration
 from model_export.errors import ExportError
 from model_export.graph import check_graph
 from service.model_package import PreprocessSpec
@@ -33,34 +34,6 @@ def to_fp16(source: Path, target: Path) -> None:
     converted = convert_float_to_float16(model, keep_io_types=True)
     onnx.save(converted, str(target))
     check_graph(target)
-
-
-class _ArrayReader(CalibrationDataReader):
-    """Calibration batches that quantize_static reads one range at a time.
-
-    With `CalibStridedMinMax` set, quantize_static calls the calibrator once per range of
-    batches (`set_range`); each call bins (or reduces) that range's intermediate tensors and
-    drops them before the next. Without it, the histogram calibrators (percentile, entropy)
-    hold every intermediate tensor of every calibration image at once: 9.0 GB RSS for
-    ResNet-50 on 64 images. (`CalibMaxIntermediateOutputs` does not help: the histogram
-    calibrators ignore it, and in ONNX Runtime 1.32 MinMax discards each full chunk.)
-    """
-
-    def __init__(self, input_name: str, samples: np.ndarray, batch_size: int) -> None:
-        self._batches = [
-            {input_name: samples[start : start + batch_size]}
-            for start in range(0, len(samples), batch_size)
-        ]
-        self._pending = iter(self._batches)
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._pending = iter(self._batches[start_index:end_index])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._pending, None)
 
 
 def preprocessing_nodes(model: onnx.ModelProto) -> list[str]:
@@ -82,6 +55,8 @@ CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
+    # Ranges computed here (calibration.mse_calibration), handed over as Percentile's.
+    "mse": CalibrationMethod.Percentile,
 }
 DEFAULT_CALIBRATION = "percentile"
 PERCENTILE = 99.99
@@ -177,7 +152,7 @@ class Int8Scheme:
     def method_name(self) -> str:
         if self.method == "percentile":
             return f"Percentile ({self.percentile:g})"
-        return {"minmax": "MinMax", "entropy": "Entropy"}[self.method]
+        return {"minmax": "MinMax", "entropy": "Entropy", "mse": "MSE"}[self.method]
 
     def extra_options(self) -> dict[str, object]:
         options: dict[str, object] = {
@@ -187,11 +162,6 @@ class Int8Scheme:
         if self.method == "percentile":
             options["CalibPercentile"] = self.percentile
         return options
-
-
-# Images per calibration run: each run's intermediate tensors (about 0.1 GB an image for
-# ResNet-50 at 224 px) are binned and dropped before the next.
-CALIBRATION_BATCH = 4
 
 
 def float_nodes(model: onnx.ModelProto, float_layers: str) -> list[str]:
@@ -228,7 +198,7 @@ def _overrides(
 def to_int8(
     source: Path,
     target: Path,
-    calibration: np.ndarray,
+    samples: np.ndarray,
     input_name: str,
     spec: PreprocessSpec,
     scheme: Int8Scheme | None = None,
@@ -259,8 +229,8 @@ def to_int8(
         + ("per-channel" if scheme.per_channel else "per-tensor")
         + ("" if scheme.weight_symmetric else " asymmetric"),
         "calibration_method": scheme.method_name(),
-        "calibration_samples": len(calibration),
-        "calibration_batch": CALIBRATION_BATCH,
+        "calibration_samples": len(samples),
+        "calibration_batch": calibration.CALIBRATION_BATCH,
         "float_layers": scheme.float_layers,
         "float_nodes": excluded,
         "range_overrides": {
@@ -272,11 +242,21 @@ def to_int8(
     root_level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            reader = calibration.RangedReader(input_name, samples, calibration.CALIBRATION_BATCH)
+            if scheme.method == "mse" and (
+                calibration_cache is None or not calibration_cache.exists()
+            ):
+                if calibration_cache is None:
+                    calibration_cache = (
+                        Path(stack.enter_context(tempfile.TemporaryDirectory())) / "ranges.json"
+                    )
+                calibration.mse_calibration(source, samples, input_name, calibration_cache)
             quantize_static(
                 str(source),
                 str(target),
-                _ArrayReader(input_name, calibration, CALIBRATION_BATCH),
+                reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=scheme.per_channel,
                 activation_type=QuantType.QUInt8,
