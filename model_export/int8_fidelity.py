@@ -250,7 +250,7 @@ def table(out: Path) -> str:
                 fp32 = timing.get(batch, {}).get("fp32")
                 cell = f"{ms:.1f} ({fp32 / ms:.2f}x)" if ms and fp32 else "–"
                 speed_cells += f" {cell if weights is WEIGHT_SETS[0] else ''} |"
-            gate = "pass" if fig["gate"] == "pass" else "**fail**"
+            gate = "pass" if fig["gate"] == "pass" else f"fails: {_broken(str(fig['gate']))}"
             lines.append(
                 f"| {name} | {weights.name} "
                 f"| {fig['logits_mean_cosine']:.4f} / {fig['logits_min_cosine']:.4f} "
@@ -259,6 +259,30 @@ def table(out: Path) -> str:
                 f"| {gate} |{speed_cells}"
             )
     return "\n".join(lines)
+
+
+_SHORT = {
+    "logits_max_rel_diff": "rel diff",
+    "logits_min_cosine": "logits min",
+    "logits_mean_cosine": "logits mean",
+    "embedding_min_cosine": "emb min",
+    "embedding_mean_cosine": "emb mean",
+    "top1_agreement": "top-1",
+    "top5_overlap": "top-5",
+}
+
+
+def _broken(summary: str) -> str:
+    """`verify.failure_summary` shortened to the names of the broken bounds, per input set."""
+    names: list[str] = []
+    for part in summary.split("; "):
+        inputs, _, figures = part.partition(": ")
+        for figure in figures.split(", "):
+            name = _SHORT.get(figure.split("=")[0], figure.split("=")[0])
+            label = name if inputs.startswith("photos") else f"random {name}"
+            if label not in names:
+                names.append(label)
+    return ", ".join(names)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
