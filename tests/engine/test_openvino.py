@@ -173,6 +173,7 @@ def test_the_service_serves_on_openvino_and_says_so(
             _, expected = reference.run(preprocess(body)[None])
             agree += verify.cosines(vector[None], expected)[0] > 0.98
         assert agree == len(photo_jpegs)
+        assert http.get("/v2/models/resnet18").json()["platform"] == "openvino"
         metrics = http.get("/metrics").text
     assert metric_value(metrics, "resnet_model_info", {"runtime": "openvino"}) == 1
     assert any((tmp_path / "cache").iterdir())
