@@ -10,10 +10,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.cpus import ThreadPlan, auto_workers, cpu_limit, plan_threads
-from service.engine.runtimes import ONNXRUNTIME, OPENVINO, Runtime
 from service.model_package import Precision
 
 ENV_PREFIX = "RESNET_SERVE_"
+# The inference runtimes (service/engine/runtimes.py tells whether each is installed).
+Runtime = Literal["onnxruntime", "openvino"]
 AUTO_PROVIDERS = "auto"
 # Settings read from the environment only, never from a flag: a command line is visible to
 # every user of the host (ps, /proc/*/cmdline) and is printed by --help.
@@ -33,7 +34,7 @@ class Settings(BaseSettings):
         "when the package lacks it (and fp16 falls back on CPU-only hosts)",
     )
     runtime: Runtime = Field(
-        ONNXRUNTIME,
+        "onnxruntime",
         description="the inference runtime: onnxruntime (from the cpu or gpu extra; CUDA "
         "when available) or openvino (the openvino extra; CPUs only), which reads the same "
         "ONNX graphs. docs/operations.md says when to choose which",
@@ -284,7 +285,7 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if not self.providers:
             raise ValueError("providers must name at least one execution provider or 'auto'")
-        if self.runtime == OPENVINO and self.providers != [AUTO_PROVIDERS]:
+        if self.runtime == "openvino" and self.providers != [AUTO_PROVIDERS]:
             raise ValueError(
                 "providers are ONNX Runtime's execution providers: with runtime openvino "
                 "leave them at 'auto' (OpenVINO runs on the CPU)"

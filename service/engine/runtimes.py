@@ -8,9 +8,9 @@ a runtime at all.
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
 
-Runtime = Literal["onnxruntime", "openvino"]
+from service.config import Runtime
+
 ONNXRUNTIME: Runtime = "onnxruntime"
 OPENVINO: Runtime = "openvino"
 # The module each runtime imports, and the extra of this project that installs it.
