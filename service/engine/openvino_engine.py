@@ -86,6 +86,7 @@ class OpenVinoEngine:
 
     def __init__(self, model_path: Path, options: OpenVinoOptions) -> None:
         core = ov.Core()
+        self._core = core  # outlives the compiled models made from it
         cache = usable_cache_dir(options.cache_dir)
         if cache is not None:
             core.set_property({"CACHE_DIR": str(cache)})
