@@ -1,7 +1,11 @@
 """`--runtime openvino`: OpenVINO's outputs against ONNX Runtime's within the export's
 tolerances (FP32, INT8, FP16), the engine's contract (shapes, dtypes, streams, the solo
 model, the compiled-model cache) and the service serving on it. Skipped where the
-openvino extra is not installed, except the one-line error that says so."""
+openvino extra is not installed, except the one-line error that says so.
+
+Known hazard: `pytest tests/engine tests/deploy` (this order) died of SIGSEGV in the first
+helm call of tests/deploy (helm-python-sdk's Go library) after these tests had run in the
+same process; the default order (tests/deploy first) and each suite alone pass."""
 
 from __future__ import annotations
 
