@@ -1,7 +1,8 @@
 """The ceiling: the same work in-process with no HTTP, using the service's own pieces
-(`ImagePreprocessor`, `InferenceEngine`) with the server's thread settings.
+(`ImagePreprocessor`, the engine on the settings' runtime) with the server's thread
+settings.
 
-Per image the work is decode + resize + crop, then ONNX Runtime. The throughput ceiling
+Per image the work is decode + resize + crop, then the runtime. The throughput ceiling
 decodes a batch on a pool of `decode_workers` threads, then runs it, batch after batch,
 and is the best of one loop whose batches run alone (on every CPU) and as many loops at
 once as the server runs batches (each on its own engine instance, as in the server); the
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings
-from service.engine.loading import load_onnx_engine
+from service.engine.loading import load_engine
 from service.engine.policy import device_policy
 from service.images.preprocess import ImagePreprocessor
 from service.model_package import ModelPackage, Precision
@@ -30,7 +31,7 @@ class InProcess:
         # The server's own loading: its engine options, and the variant chosen for the
         # providers the session got.
         settings = settings.model_copy(update={"precision": precision})
-        self.engine, self.precision, _ = load_onnx_engine(settings, package)
+        self.engine, self.precision, _ = load_engine(settings, package)
         threads = settings.thread_plan(gpu=self.engine.device != "cpu")  # as the runtime
         self.concurrency = device_policy(settings, threads, self.engine.device).concurrent_batches
         self.preprocess = ImagePreprocessor(

@@ -4,7 +4,7 @@
 # dependencies in pyproject.toml, then review the diff.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="cpu,export,dev,bench,tracing,deploy,grpc"
+extras="cpu,export,dev,bench,tracing,deploy,grpc,openvino"
 venv=$(mktemp -d)/venv
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with the extras it needs, at the versions pinned in
 # constraints.txt; re-runs only when pyproject.toml or constraints.txt changed.
-# Usage: scripts/setup.sh [EXTRAS]   (default: cpu,export,dev,bench,tracing,deploy,grpc)
+# Usage: scripts/setup.sh [EXTRAS]   (default: cpu,export,dev,bench,tracing,deploy,grpc,openvino)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-cpu,export,dev,bench,tracing,deploy,grpc}"
+extras="${1:-cpu,export,dev,bench,tracing,deploy,grpc,openvino}"
 # ONNX Runtime comes from exactly one of `cpu` and `gpu` (both install the `onnxruntime`
 # module); no other extra brings it.
 case ",$extras," in

@@ -1,8 +1,8 @@
 """`resnet-serve`: run the service, with draining shutdown on SIGTERM.
 
-By default one engine process (ONNX Runtime, the batcher) and `--workers` front-end
-processes (HTTP, gRPC, decoding) under a supervisor (service/supervisor.py); with
-`--workers 0`, all of it in this one process under uvicorn.
+By default one engine process (the runtime, ONNX Runtime or OpenVINO, and the batcher)
+and `--workers` front-end processes (HTTP, gRPC, decoding) under a supervisor
+(service/supervisor.py); with `--workers 0`, all of it in this one process under uvicorn.
 
 Every flag is generated from `Settings`, so each one is also an environment variable
 (`--max-batch-size` ↔ `RESNET_SERVE_MAX_BATCH_SIZE`) and the help text cannot drift.
@@ -20,6 +20,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from service.config import ENV_ONLY, ENV_PREFIX, Settings
+from service.engine import runtimes
 from service.frontend.app import create_app
 from service.frontend.security import ApiKeys, KeyFileError
 from service.frontend.server import DrainingServer, uvicorn_config
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
             "POST /embed (feature vectors), GET /healthz, /readyz, /info, /metrics, /docs, "
             "and the Open Inference Protocol (KServe v2) under /v2 and, with --grpc-port, "
             "over gRPC. "
-            "Images are batched dynamically onto ONNX Runtime (CUDA when available, else CPU)."
+            "Images are batched dynamically onto ONNX Runtime (CUDA when available, else CPU) "
+            "or, with --runtime openvino, OpenVINO on the CPU."
         ),
         epilog=(
             f"Every flag can also be set by environment variable: {ENV_PREFIX}<FLAG> in upper "
@@ -91,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings(**args)
     except ValidationError as exc:
         print(f"resnet-serve: error: invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    missing = runtimes.missing(settings.runtime)
+    if missing is not None:
+        print(f"resnet-serve: error: {missing}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -13,6 +13,8 @@ from service.cpus import ThreadPlan, auto_workers, cpu_limit, plan_threads
 from service.model_package import Precision
 
 ENV_PREFIX = "RESNET_SERVE_"
+# The inference runtimes (service/engine/runtimes.py tells whether each is installed).
+Runtime = Literal["onnxruntime", "openvino"]
 AUTO_PROVIDERS = "auto"
 # Settings read from the environment only, never from a flag: a command line is visible to
 # every user of the host (ps, /proc/*/cmdline) and is printed by --help.
@@ -31,6 +33,18 @@ class Settings(BaseSettings):
         description="variant of the package to serve; falls back to fp32 with a warning "
         "when the package lacks it (and fp16 falls back on CPU-only hosts)",
     )
+    runtime: Runtime = Field(
+        "onnxruntime",
+        description="the inference runtime: onnxruntime (from the cpu or gpu extra; CUDA "
+        "when available) or openvino (the openvino extra; CPUs only), which reads the same "
+        "ONNX graphs. docs/operations.md says when to choose which",
+    )
+    openvino_cache_dir: Path | None = Field(
+        None,
+        description="with --runtime openvino: where compiled models are kept, so a restart "
+        "skips compiling (default: resnet-serve-openvino in the temp directory, $TMPDIR or "
+        "/tmp; where it cannot be written, every start compiles)",
+    )
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [AUTO_PROVIDERS],
         description="ONNX Runtime execution providers in order of preference, comma "
@@ -41,18 +55,22 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="engine instances (ONNX Runtime sessions) that run batches side by side "
+        description="engine instances (ONNX Runtime sessions; OpenVINO streams) that run "
+        "batches side by side "
         "(0: on CPUs one per 4 CPUs this process may use, at least one; on GPUs one). With "
         "several, a batch that runs alone gets an extra session with every CPU",
     )
     intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime threads of each engine instance (0: the CPUs this process "
+        description="ONNX Runtime (or OpenVINO) threads of each engine instance (0: the CPUs "
+        "this process "
         "may use, the smallest of its cgroup CPU quota and its affinity mask, shared evenly "
         "among the instances)",
     )
-    inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads")
+    inter_op_threads: int = Field(
+        1, ge=1, description="ONNX Runtime inter-op threads (not OpenVINO)"
+    )
     allow_spinning: bool | None = Field(
         None,
         description="let ONNX Runtime threads spin briefly between ops instead of sleeping "
@@ -267,6 +285,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if not self.providers:
             raise ValueError("providers must name at least one execution provider or 'auto'")
+        if self.runtime == "openvino" and self.providers != [AUTO_PROVIDERS]:
+            raise ValueError(
+                "providers are ONNX Runtime's execution providers: with runtime openvino "
+                "leave them at 'auto' (OpenVINO runs on the CPU)"
+            )
         too_big = [size for size in self.warmup_batch_sizes if not 1 <= size <= self.max_batch_size]
         if too_big:
             raise ValueError(

@@ -45,6 +45,8 @@ class Served:
     warnings: list[str] = field(default_factory=list)
     providers_requested: list[str] = field(default_factory=list)
     gpu_fallback: str | None = None  # why a GPU that was asked for is not in use
+    runtime: str = "onnxruntime"  # the inference runtime ("openvino": --runtime openvino)
+    runtime_version: str = ""
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,8 @@ class FakeEngine:
     providers: list[str] = field(default_factory=lambda: ["FakeExecutionProvider"])
     providers_requested: list[str] = field(default_factory=lambda: ["FakeExecutionProvider"])
     device: str = "cpu"
+    runtime: str = "fake"
+    runtime_version: str = "0"
     has_solo_session: bool = False
     batches: list[np.ndarray] = field(default_factory=list)
     alone: list[bool] = field(default_factory=list)  # of each batch: whether it ran alone

@@ -1,9 +1,10 @@
 """The engine's side of serving: load and warm the model, batch images onto it, decode
 in the batch where the policy says so, and drain.
 
-Everything here lives where ONNX Runtime lives: in the engine process, or in the one
-process of `--workers 0`. Knows nothing of HTTP or of the front-ends; callers reach it
-through an `EngineClient` (`service.engine.local`, or the channel's engine side).
+Everything here lives where the runtime (ONNX Runtime or OpenVINO) lives: in the engine
+process, or in the one process of `--workers 0`. Knows nothing of HTTP or of the
+front-ends; callers reach it through an `EngineClient` (`service.engine.local`, or the
+channel's engine side).
 
 Decoding has two placements (`DevicePolicy.decode_in_batch`). On GPUs each image is
 decoded by the front-end before it is queued, while the engine runs other batches. On
@@ -27,7 +28,7 @@ from service.engine.batching import BatchObserver, DynamicBatcher
 from service.engine.loading import (
     Engine,
     EngineFactory,
-    load_onnx_engine,
+    load_engine,
     log_load,
     log_plan,
     record_load,
@@ -51,7 +52,7 @@ class EngineCore:
         self,
         settings: Settings,
         metrics: ServiceMetrics,
-        engine_factory: EngineFactory = load_onnx_engine,
+        engine_factory: EngineFactory = load_engine,
         observer: BatchObserver | None = None,
     ) -> None:
         self.settings = settings
@@ -136,7 +137,7 @@ class EngineCore:
         report = check_providers(engine.providers_requested, engine.providers)
         self.served = Served(
             precision, list(engine.providers), engine.device, warnings,
-            list(report.requested), report.reason,
+            list(report.requested), report.reason, engine.runtime, engine.runtime_version,
         )  # fmt: skip
         for warning in warnings:
             log.warning(warning)
@@ -162,7 +163,7 @@ class EngineCore:
             self.metrics, self.settings, manifest, precision, engine, report, load_s, warm_s
         )
         log_load(manifest, precision, engine, sizes, load_s, warm_s)
-        log_plan(self.threads, self.policy, engine.device)
+        log_plan(self.threads, self.policy, engine.device, engine.runtime)
 
     def stop_admitting(self) -> None:
         """Readiness goes to 0 in /metrics: the server is draining or has failed."""

@@ -15,7 +15,7 @@ from typing import Any, cast
 from service.config import Settings
 from service.engine.batching import DynamicBatcher, Reservation
 from service.engine.core import EngineCore
-from service.engine.loading import EngineFactory, load_onnx_engine
+from service.engine.loading import EngineFactory, load_engine
 from service.engine_api import EngineInfo, EngineState, ImageOutput, ItemDone, Pending
 from service.errors import NotReady
 from service.model_package import ModelPackage
@@ -51,7 +51,7 @@ class LocalEngine:
         self,
         settings: Settings,
         metrics: ServiceMetrics,
-        engine_factory: EngineFactory = load_onnx_engine,
+        engine_factory: EngineFactory = load_engine,
     ) -> None:
         self.core = EngineCore(settings, metrics, engine_factory)
         self._loading: asyncio.Task[None] | None = None

@@ -98,6 +98,9 @@ class InferenceEngine:
     allows).
     """
 
+    runtime = "onnxruntime"
+    runtime_version: str = ort.__version__
+
     def __init__(self, model_path: Path, options: EngineOptions) -> None:
         providers = resolve_providers(options.providers)
         self.providers_requested = providers  # `self.providers`: what the session got

@@ -1,4 +1,4 @@
-"""The engine process: the only one that opens ONNX Runtime (and CUDA).
+"""The engine process: the only one that opens the runtime (ONNX Runtime, CUDA, OpenVINO).
 
 Started by the supervisor (spawn). Opens the channel's socket first, so the front-ends
 connect while the model loads; then loads and warms the model, and serves the

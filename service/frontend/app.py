@@ -55,9 +55,10 @@ def create_app(
     announce: bool = True,
 ) -> FastAPI:
     """The app over `engine` (made with the app's metrics), or by default over the engine
-    in this process, opened by `engine_factory` (`load_onnx_engine` unless a test gives
-    its own). Only the in-process default imports ONNX Runtime. `announce`: whether this
-    app logs server-wide warnings (one front-end of several does)."""
+    in this process, opened by `engine_factory` (`load_engine`, on the settings' runtime,
+    unless a test gives its own). Only the in-process default imports a runtime.
+    `announce`: whether this app logs server-wide warnings (one front-end of several
+    does)."""
     metrics = ServiceMetrics()
     if engine is None:
         from service.engine.local import LocalEngine

@@ -236,6 +236,8 @@ def describe(runtime: Runtime, settings: Settings) -> dict[str, Any]:
     served = runtime.served
     if served is not None:
         serving: dict[str, Any] = {
+            "runtime": served.runtime,
+            "runtime_version": served.runtime_version,
             "precision": str(served.precision),
             "requested_precision": str(settings.precision),
             "execution_providers": served.providers,

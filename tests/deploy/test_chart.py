@@ -153,6 +153,8 @@ def test_schema_choices_match_the_settings() -> None:
     precision = Settings.model_fields["precision"].annotation
     assert precision is not None
     assert set(schema["properties"]["precision"]["enum"]) - {None} == {p.value for p in precision}
+    runtimes = set(get_args(Settings.model_fields["runtime"].annotation))
+    assert set(schema["properties"]["runtime"]["enum"]) - {None} == runtimes
     log_levels = set(schema["properties"]["logLevel"]["enum"]) - {None}
     assert log_levels == {"debug", "info", "warning", "error"}
     Settings(log_level="warning")  # the service takes the same names
@@ -174,6 +176,7 @@ def full_config() -> dict[str, Any]:
     config["maxBodyBytes"] = 67_108_864  # a YAML float64 in templates: must not print 6.7e+07
     config["maxQueueDelayMs"] = 2.5
     config["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    config["openvinoCacheDir"] = "/tmp/openvino-cache"
     return config
 
 
@@ -187,7 +190,8 @@ def test_every_config_value_reaches_the_service_parser(
         name = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
         assert ENV_PREFIX + name.upper() in env, f"config.{key} set no {ENV_PREFIX}{name.upper()}"
         got = getattr(settings, name)
-        assert getattr(got, "value", got) == value, f"{key}: {got!r} != {value!r}"
+        got = str(got) if isinstance(got, Path) else getattr(got, "value", got)
+        assert got == value, f"{key}: {got!r} != {value!r}"
     assert settings.host == "0.0.0.0"
     assert env["RESNET_SERVE_MAX_BODY_BYTES"] == "67108864"
 

@@ -248,6 +248,8 @@ def test_health_info_metrics(client: httpx.Client) -> None:
     assert "UNTRAINED" in info["model"]["warning"]
     assert info["model"]["source"] == {"kind": "random-init", "seed": 0}
     assert info["serving"]["precision"] == "fp32"
+    assert info["serving"]["runtime"] == "onnxruntime"
+    assert info["serving"]["runtime_version"] == ort.__version__
     # What the fixture asked for (the CPU, for its 1e-4 comparisons), and got it all.
     assert info["serving"]["providers_requested"] == ["CPUExecutionProvider"]
     assert info["serving"]["execution_providers"] == info["serving"]["providers_requested"]
@@ -257,7 +259,12 @@ def test_health_info_metrics(client: httpx.Client) -> None:
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     assert metric_value(metrics.text, "resnet_ready") == 1
-    model = {"trained": "false", "gpu_fallback": "false", "device": info["serving"]["device"]}
+    model = {
+        "trained": "false",
+        "gpu_fallback": "false",
+        "device": info["serving"]["device"],
+        "runtime": "onnxruntime",
+    }
     assert metric_value(metrics.text, "resnet_model_info", model) == 1
 
 

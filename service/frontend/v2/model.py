@@ -25,6 +25,9 @@ from service.model_package import ModelPackage
 SERVER_NAME = "resnet-serve"
 EXTENSIONS = ("binary_tensor_data", "classification")
 PLATFORM = "onnxruntime_onnx"
+# The platform by the runtime that serves (Triton's names: its OpenVINO backend's is
+# `openvino`, whatever format it reads).
+PLATFORMS = {"onnxruntime": PLATFORM, "openvino": "openvino"}
 ENCODED_INPUT = "image_bytes"  # BYTES: encoded images, decoded by the service
 FP32 = "FP32"
 
@@ -83,13 +86,17 @@ class V2Model:
         self.package(name, version)
         return self.ready
 
+    def _platform(self) -> str:
+        served = self.runtime.served
+        return PLATFORMS.get(served.runtime, PLATFORM) if served is not None else PLATFORM
+
     def metadata(self, name: str, version: str = "") -> dict[str, Any]:
         manifest = self.package(name, version).manifest
         pixels = manifest.inputs[0]
         return {
             "name": manifest.name,
             "versions": [manifest.version],
-            "platform": PLATFORM,
+            "platform": self._platform(),
             "inputs": [
                 {"name": pixels.name, "datatype": "UINT8", "shape": [-1, *self._pixel_shape()]},
                 {"name": ENCODED_INPUT, "datatype": BYTES, "shape": [-1]},
