@@ -105,6 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PackageError, KeyFileError) as exc:
         print(f"resnet-serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    if settings.grpc_port:  # here, before any process is spawned: one line, not a traceback each
+        from service.frontend.v2.grpc_install import grpc_install_problem
+
+        problem = grpc_install_problem()
+        if problem is not None:
+            print(f"resnet-serve: error: {problem}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
     workers = settings.worker_count()
     if workers == 0:
         return serve_in_one_process(settings)
