@@ -14,7 +14,6 @@ model_export.int8_fidelity build --arch resnet50 --out DIR` measures the same on
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -76,19 +75,33 @@ class ChildExport:
     peak_rss_bytes: int  # the kernel's account of the child alone (os.wait4)
 
 
+# The export runs as a grandchild of pytest, forked from this small launcher: Linux starts
+# a child's peak RSS at its parent's RSS when it forks (and keeps it across exec), so a
+# child forked from pytest, gigabytes by then, would report pytest's size, not its own.
+LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def export_in_child(out: Path, *argv: str) -> ChildExport:
     """`resnet-export` in its own process, so its peak memory is its own, not pytest's."""
     log = out.with_suffix(".log")
+    peak_kib = out.with_suffix(".maxrss")
+    command = [sys.executable, "-m", "model_export", *argv, "--out", str(out), "--quiet"]
     with log.open("wb") as output:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "model_export", *argv, "--out", str(out), "--quiet"],
+        result = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(peak_kib), *command],
             stdout=output,
             stderr=subprocess.STDOUT,
+            check=False,
         )
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-    assert child.returncode == 0, log.read_text()
-    return ChildExport(out, usage.ru_maxrss * 1024)
+    assert result.returncode == 0, log.read_text()
+    return ChildExport(out, int(peak_kib.read_text()) * 1024)
 
 
 # Two weight sets the INT8 scheme was not tuned on, as model_export.int8_fidelity builds
