@@ -1,8 +1,9 @@
 """`resnet-serve`: run the service, with draining shutdown on SIGTERM.
 
-By default one engine process (the runtime, ONNX Runtime or OpenVINO, and the batcher)
-and `--workers` front-end processes (HTTP, gRPC, decoding) under a supervisor
-(service/supervisor.py); with `--workers 0`, all of it in this one process under uvicorn.
+One engine process (the runtime, ONNX Runtime or OpenVINO, and the batcher) and
+`--workers` front-end processes (HTTP, gRPC, decoding) under a supervisor
+(service/supervisor.py); or, with `--workers 0`, all of it in this one process under
+uvicorn. Unset, the layout is chosen from what the engine costs (service/layout.py).
 
 Every flag is generated from `Settings`, so each one is also an environment variable
 (`--max-batch-size` ↔ `RESNET_SERVE_MAX_BATCH_SIZE`) and the help text cannot drift.
@@ -24,6 +25,7 @@ from service.engine import runtimes
 from service.frontend.app import create_app
 from service.frontend.security import ApiKeys, KeyFileError
 from service.frontend.server import DrainingServer, uvicorn_config
+from service.layout import Layout, choose_layout
 from service.model_package import ModelPackage, PackageError
 from service.observability.logs import configure_logging
 from service.processes import settle_garbage_collector
@@ -112,22 +114,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"resnet-serve: error: {problem}", file=sys.stderr)
             return EXIT_BAD_CONFIG
-    workers = settings.worker_count()
-    if workers == 0:
-        return serve_in_one_process(settings)
+    layout = choose_layout(settings, ModelPackage.load(settings.model_dir))
+    if layout.workers == 0:
+        return serve_in_one_process(settings, layout)
     from service.supervisor import Supervisor, SupervisorError
 
     try:
-        return Supervisor(settings, workers).run()
+        return Supervisor(settings, layout).run()
     except SupervisorError as exc:
         print(f"resnet-serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
 
-def serve_in_one_process(settings: Settings) -> int:
-    """`--workers 0`: the front-end and the engine in this process, under uvicorn."""
-    log.info("processes: one (--workers 0): HTTP, decoding and the engine share this process")
-    app = create_app(settings)
+def serve_in_one_process(settings: Settings, layout: Layout) -> int:
+    """The front-end and the engine in this process, under uvicorn (`--workers 0`, or the
+    automatic choice: on the engine the choice already opened)."""
+    log.info("processes: one (%s): HTTP, decoding and the engine share this process",
+             layout.reason)  # fmt: skip
+    app = create_app(settings, engine_factory=layout.engine_factory)
+    chosen = "auto" if settings.workers is None else "set"
+    app.state.processes.update(workers_chosen=chosen, layout=layout.reason)
     if settings.metrics_port is not None:  # observability hook: /metrics off the main port
         bound = app.state.metrics.serve_separately(settings.host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.host, bound)

@@ -38,6 +38,7 @@ from service.cpus import cpu_limit
 from service.engine.process import EngineArgs, run_engine
 from service.engine_api import ALL_OUTPUTS
 from service.frontend.process import FrontendArgs, run_frontend
+from service.layout import Layout
 from service.model_package import ModelPackage
 from service.processes import spawn_context
 
@@ -61,9 +62,10 @@ class _Frontend:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int) -> None:
+    def __init__(self, settings: Settings, layout: Layout) -> None:
         self.settings = settings
-        self.workers = workers
+        self.workers = layout.workers
+        self.layout = layout
         self._context = spawn_context()
         self._signals = 0
         self._wake_r, self._wake_w = os.pipe()
@@ -146,6 +148,7 @@ class Supervisor:
             self.workers,
             os.getpid(),
             announce=self._frontends_started == 0,
+            layout=self.layout.reason,
         )
         self._frontends_started += 1
         process = self._context.Process(
@@ -172,12 +175,12 @@ class Supervisor:
         }
         try:
             log.info(
-                "processes: 1 engine + %d front-end(s) on %s:%d (workers %s; %g CPU(s) "
-                "available); %d MiB of shared memory per front-end",
+                "processes: 1 engine + %d front-end(s) on %s:%d (%s; %g CPU(s) available); "
+                "%d MiB of shared memory per front-end",
                 self.workers,
                 self.settings.host,
                 self.port,
-                "set" if self.settings.workers is not None else "auto",
+                self.layout.reason,
                 cpu_limit().cpus,
                 self._arena_bytes // 2**20,
             )

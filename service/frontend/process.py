@@ -45,6 +45,7 @@ class FrontendArgs:
     # Whether this front-end logs what holds for the whole server (tracing left off, say):
     # the first one started does, so the log says it once, not once a front-end.
     announce: bool = True
+    layout: str = "--workers set"  # why this many front-ends (service/layout.py)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -80,6 +81,7 @@ def run_frontend(args: FrontendArgs) -> None:
     app.state.processes = {
         "workers": args.workers,
         "workers_chosen": "auto" if settings.workers is None else "set",
+        "layout": args.layout,
         "frontend_pid": os.getpid(),
         "frontend_slot": args.slot,
         "engine": "its own process",
