@@ -31,9 +31,9 @@ tests=(
   "tests/frontend/test_service.py::test_health_info_metrics"
   "tests/frontend/test_service.py::test_openapi_documents_inputs_and_its_example_works"
   "tests/frontend/test_service.py::test_int8_variant_is_served_when_asked"
-  "tests/export/test_export.py::test_state_dict_round_trip"
+  "tests/export/test_export.py::test_state_dict_round_trip[safetensors]"
   "tests/export/test_export.py::test_hf_resnet50_matches_transformers"
-  "tests/export/test_mmpretrain.py::test_export_matches_pytorch"
+  "tests/export/test_mmpretrain.py::test_export_matches_pytorch[v1d-mmpretrain1]"
 )
 start=$SECONDS
 scripts/setup.sh  # .venv, whose torch the venv borrows
@@ -68,5 +68,5 @@ fi
   '^(fastapi|starlette|pydantic|uvicorn|numpy|pillow|onnxruntime|onnx|onnxscript|transformers|timm|grpcio|protobuf|tritonclient|msgspec|httpx|pytest)==' \
   | paste -sd' ' | sed "s/^/test-install $mode: /"
 echo "test-install $mode: installed in $((SECONDS - start)) s"
-"$venv_python" -m pytest -q -p no:cacheprovider "${tests[@]}"
+"$venv_python" -m pytest -q -p no:cacheprovider --durations=10 "${tests[@]}"
 echo "test-install $mode: done in $((SECONDS - start)) s"
