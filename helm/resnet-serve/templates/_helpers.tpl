@@ -130,8 +130,9 @@ the architecture, and resnet-export refuses both), nor when model.export.arch is
 {{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
 {{- end }}
 
-{{/* Front-end processes: config.workers, else the service's own rule (one per CPU of
-the CPU limit, 1 to 8; service/cpus.py auto_workers). */}}
+{{/* Front-end processes: config.workers, else the most the service's own rule starts (one
+per CPU of the CPU limit, 1 to 8; service/cpus.py auto_workers; where it chooses one process
+instead, service/layout.py, the room is left unused). */}}
 {{- define "resnet-serve.workers" -}}
 {{- if not (kindIs "invalid" .Values.config.workers) }}
 {{- int .Values.config.workers }}
