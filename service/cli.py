@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     configure_logging(settings.log_level, settings.log_format)
     try:
-        ModelPackage.load(settings.model_dir)  # fail fast, before binding the port
+        package = ModelPackage.load(settings.model_dir)  # fail fast, before binding the port
         ApiKeys([key.get_secret_value() for key in settings.api_keys], settings.api_keys_file)
     except (PackageError, KeyFileError) as exc:
         print(f"resnet-serve: error: {exc}", file=sys.stderr)
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"resnet-serve: error: {problem}", file=sys.stderr)
             return EXIT_BAD_CONFIG
-    layout = choose_layout(settings, ModelPackage.load(settings.model_dir))
+    layout = choose_layout(settings, package)
     if layout.workers == 0:
         return serve_in_one_process(settings, layout)
     from service.supervisor import Supervisor, SupervisorError

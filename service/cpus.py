@@ -141,7 +141,8 @@ def plan_threads(
     return ThreadPlan(limit, count, intra, solo, decode, spinning)
 
 
-# Front-end processes when `--workers` is not set: one per CPU, at most MAX_AUTO_WORKERS.
+# Front-end processes when `--workers` is not set and the server splits (service/layout.py
+# decides from the engine's cost): one per CPU, at most MAX_AUTO_WORKERS.
 # Each is an event loop with decode threads of its own (no GIL between them): where the
 # engine is cheap or on a GPU they decode, and decoding is the bulk of the work; where a
 # CPU model dominates they mostly wait, at the cost of their memory (docs/benchmarks.md,
@@ -150,5 +151,5 @@ MAX_AUTO_WORKERS = 8
 
 
 def auto_workers(limit: CpuLimit) -> int:
-    """The number of front-end processes when `--workers` is not set."""
+    """The number of front-end processes when `--workers` is not set and the server splits."""
     return max(1, min(MAX_AUTO_WORKERS, limit.whole))

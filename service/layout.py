@@ -17,16 +17,14 @@ engine already opened; otherwise the engine is closed and the supervisor starts 
 from __future__ import annotations
 
 import gc
-import logging
 import time
 from dataclasses import dataclass
 
 from service.config import Settings
 from service.cpus import auto_workers, cpu_limit
-from service.engine.loading import Engine, EngineFactory
+from service.engine.loading import Engine, EngineFactory, load_engine
+from service.engine.onnx_engine import GPU_PROVIDERS, resolve_providers
 from service.model_package import ModelPackage, Precision
-
-log = logging.getLogger("resnet_serve")
 
 # One process served about 270 req/s of JPEG photos with a cheap engine on 2 CPUs
 # (docs/benchmarks.md); an engine that does at most this many leaves its event loop and
@@ -45,7 +43,7 @@ class Layout:
 
 
 def choose_layout(
-    settings: Settings, package: ModelPackage, open_engine: EngineFactory | None = None
+    settings: Settings, package: ModelPackage, open_engine: EngineFactory = load_engine
 ) -> Layout:
     """`open_engine`: `load_engine` unless a test gives its own."""
     if settings.workers is not None:
@@ -56,10 +54,6 @@ def choose_layout(
     split = auto_workers(limit)
     if _on_gpu(settings):
         return Layout(split, f"automatic: a GPU provider, {split} front-end(s) decode beside it")
-    if open_engine is None:
-        from service.engine.loading import load_engine
-
-        open_engine = load_engine
     started = time.perf_counter()
     try:
         opened = open_engine(settings, package)
@@ -88,8 +82,6 @@ def choose_layout(
 def _on_gpu(settings: Settings) -> bool:
     if settings.runtime != "onnxruntime":
         return False  # OpenVINO runs on the CPU
-    from service.engine.onnx_engine import GPU_PROVIDERS, resolve_providers
-
     return bool(GPU_PROVIDERS.intersection(resolve_providers(settings.providers)))
 
 
