@@ -4,27 +4,20 @@ in one process, on the engine already opened; a cheaper one gets the split."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-from loadtests.cheap_package import write_cheap_package
-from loadtests.server import free_port, wait_ready
 from service import layout as layout_module
 from service.config import Settings
 from service.cpus import CpuLimit, auto_workers, cpu_limit
 from service.frontend.app import create_app
 from service.layout import ONE_PROCESS_MAX_IMAGES_S, choose_layout
 from service.model_package import ModelPackage, Precision
+from tests.process.servers import JPEG, multi_process_server
 from tests.support import FakeEngine, running_server
-
-ROOT = Path(__file__).resolve().parents[2]
-JPEG = {"content-type": "image/jpeg"}
 
 
 @dataclass
@@ -37,11 +30,6 @@ class TimedEngine(FakeEngine):
     def warm_up(self, batch_sizes: list[int]) -> float:  # type: ignore[override]
         self.warm_ups.append(list(batch_sizes))
         return self.ms_per_image
-
-
-@pytest.fixture(scope="module")
-def cheap_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cheap_package(tmp_path_factory.mktemp("cheap") / "package")
 
 
 def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,17 +123,9 @@ def test_the_cli_times_the_real_engine_and_says_what_it_chose(
 ) -> None:
     """The cheap-engine package costs microseconds an image on any CPU: the split, with
     one front-end per CPU, told in the start log and in /info."""
-    port = free_port()
-    command = [sys.executable, "-m", "service.cli", "--model-dir", str(cheap_package),
-               "--port", str(port)]  # fmt: skip
-    process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        wait_ready(process, port, 90, "its output follows")
-        processes = httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()["processes"]
-        expected = auto_workers(cpu_limit())
+    expected = auto_workers(cpu_limit())
+    with multi_process_server(cheap_package, workers=None) as (process, url):
+        processes = httpx.get(f"{url}/info", timeout=10).json()["processes"]
         if expected > 1:
             assert processes["workers"] == expected
             assert processes["workers_chosen"] == "auto"
@@ -153,11 +133,8 @@ def test_the_cli_times_the_real_engine_and_says_what_it_chose(
         else:  # a one-CPU machine: one process, whatever the engine costs
             assert processes["workers"] == 0
         body = next(iter(photo_jpegs.values()))
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/predict", content=body, headers=JPEG, timeout=30
-        )
+        response = httpx.post(f"{url}/predict", content=body, headers=JPEG, timeout=30)
         assert response.status_code == 200, response.text
-    finally:
         process.terminate()
         output, _ = process.communicate(timeout=60)
     assert "img/s on" in output or expected <= 1, output

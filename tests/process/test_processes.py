@@ -12,58 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
-from loadtests.cheap_package import write_cheap_package
-from loadtests.server import free_port, wait_ready
+from loadtests.server import free_port
+from tests.process.servers import JPEG, ROOT, multi_process_server
 from tests.support import metric_value
-
-ROOT = Path(__file__).resolve().parents[2]
-JPEG = {"content-type": "image/jpeg"}
-
-
-@pytest.fixture(scope="module")
-def cheap_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cheap_package(tmp_path_factory.mktemp("cheap") / "package")
-
-
-@contextmanager
-def multi_process_server(
-    package: Path, *flags: str, workers: int = 2
-) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """The server with `workers` front-ends; yields it (output on a pipe) and its URL.
-    Checks that /dev/shm is as it was once the server has gone."""
-    shm_before = set(os.listdir("/dev/shm"))
-    port = free_port()
-    command = [
-        sys.executable, "-m", "service.cli",
-        "--model-dir", str(package), "--port", str(port), "--workers", str(workers), *flags,
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        try:
-            wait_ready(process, port, 90, "its output follows")
-        except RuntimeError as exc:
-            process.kill()
-            raise AssertionError(f"{exc}:\n{process.communicate()[0]}") from exc
-        yield process, f"http://127.0.0.1:{port}"
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
-    assert set(os.listdir("/dev/shm")) == shm_before
 
 
 def info_on_new_connection(url: str) -> dict[str, object]:
