@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from model_export import graph, variants, verify
 from model_export.int8_fidelity import (
@@ -83,29 +82,15 @@ NNCF_SCHEMES = {
         float_layers="stem-classifier", activation_ranges="minmax", accuracy_control_max_drop=0.004
     ),
 }
-EMBEDDING_OUTPUT = 1  # graph outputs: logits, embedding
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def _mean_embedding_cosine(
-    model: onnx.ModelProto, items: Iterable[Any], reference: np.ndarray
+    model: onnx.ModelProto, images: Iterable[np.ndarray], reference: np.ndarray
 ) -> float:
-    session = _session(model)
-    # NNCF hands the validation function the dataset's items untransformed.
-    embeddings = np.concatenate(
-        [session.run(None, {graph.INPUT_NAME: item[None]})[EMBEDDING_OUTPUT] for item in items]
-    )
-    cosines = (embeddings * reference).sum(1) / (
-        np.linalg.norm(embeddings, axis=1) * np.linalg.norm(reference, axis=1)
-    )
-    return float(cosines.mean())
+    """Accuracy control's metric. NNCF hands it the dataset's items untransformed."""
+    runner = verify.OnnxRunner(model.SerializeToString())
+    _, embeddings = verify.run_batched(runner, np.stack(list(images)), 1)
+    return float(verify.cosines(embeddings, reference).mean())
 
 
 def quantise(
@@ -137,16 +122,16 @@ def quantise(
         "subset_size": len(calibration),
         "fast_bias_correction": True,
         "ignored_scope": nncf.IgnoredScope(names=variants.float_nodes(model, scheme.float_layers)),
-        "advanced_parameters": advanced,
     }
     if scheme.accuracy_control_max_drop is None:
-        quantised = nncf.quantize(model, nncf.Dataset(list(calibration), as_input), **common)
-    else:
-        fp32 = _session(model)
-        reference = np.concatenate(
-            [fp32.run(None, as_input(image))[EMBEDDING_OUTPUT] for image in validation]
+        quantised = nncf.quantize(
+            model,
+            nncf.Dataset(list(calibration), as_input),
+            advanced_parameters=advanced,
+            **common,
         )
-        advanced = common.pop("advanced_parameters")
+    else:
+        _, reference = verify.run_batched(verify.onnx_runner(source), validation, 1)
         quantised = nncf.quantize_with_accuracy_control(
             model,
             nncf.Dataset(list(calibration), as_input),

@@ -70,11 +70,15 @@ class OnnxRunner:
     runs on: ONNX Runtime falls back to the CPU when CUDA cannot start, and a check must
     say where it ran."""
 
-    def __init__(self, path: Path, threads: int = 0, providers: Sequence[str] = (CPU,)) -> None:
+    def __init__(
+        self, model: Path | bytes, threads: int = 0, providers: Sequence[str] = (CPU,)
+    ) -> None:
+        """`model`: a graph's file, or a serialised graph held in memory."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(path), options, providers=list(providers))
+        source = model if isinstance(model, bytes) else str(model)
+        self._session = ort.InferenceSession(source, options, providers=list(providers))
         self._input_name = self._session.get_inputs()[0].name
         self.provider: str = self._session.get_providers()[0]
 
